@@ -1,0 +1,194 @@
+"""Pure parsers for ports, port lists, host:port pairs and durations.
+
+Every function here takes text and returns frozen values or raises `AddressError` whose message quotes
+the bad text and shows the expected form. The caller prefixes the source (`RELAY_PORTS: ...`).
+No DNS, no sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+PORTS_FORM = "expected P, LO-HI, L:T, LLO-LHI:T or LLO-LHI:TLO-THI"
+HOSTPORT_FORM = "expected HOST:PORT, IP:PORT or [IPv6]:PORT"
+DURATION_FORM = "expected a duration like 250ms, 5s, 1m, 1h or plain seconds"
+
+
+class AddressError(ValueError):
+    """A value that does not parse; the message quotes it and names the expected form."""
+
+
+@dataclass(frozen=True, slots=True)
+class PortMap:
+    """One listen port forwarded to one target port."""
+
+    listen: int
+    target: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_hostport(self.host, self.port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    """`127.0.0.1:80`, `[::1]:80`, `name:80`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_port(text: str, form: str = PORTS_FORM) -> int:
+    """A decimal port 1-65535."""
+    if not text.isdigit():
+        raise AddressError(f"{text!r} is not a port number; {form}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise AddressError(f"{text!r} is not a port number (1-65535); {form}")
+    return port
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    """`P` or `LO-HI` -> (lo, hi)."""
+    lo_text, dash, hi_text = text.partition("-")
+    lo = parse_port(lo_text)
+    if not dash:
+        return lo, lo
+    hi = parse_port(hi_text)
+    if lo > hi:
+        raise AddressError(f"{text!r} is not a port range (low > high); {PORTS_FORM}")
+    return lo, hi
+
+
+def parse_port_item(item: str) -> list[PortMap]:
+    """One item of a port list: `P`, `LO-HI`, `L:T`, `LLO-LHI:T`, `LLO-LHI:TLO-THI`, optional `/tcp`."""
+    body, slash, proto = item.partition("/")
+    if slash and proto.lower() != "tcp":
+        raise AddressError(f"{item!r} has protocol {proto!r}; only /tcp is supported; {PORTS_FORM}")
+    listen_text, colon, target_text = body.partition(":")
+    try:
+        llo, lhi = _parse_range(listen_text)
+        # Without a target part every listen port maps to itself.
+        tlo, thi = _parse_range(target_text) if colon else (llo, lhi)
+    except AddressError as err:
+        if str(err).startswith(repr(item)):
+            raise
+        raise AddressError(f"{item!r}: {err}") from None
+    if colon and tlo != thi and (thi - tlo) != (lhi - llo):
+        raise AddressError(
+            f"{item!r} maps {lhi - llo + 1} listen ports to {thi - tlo + 1} target ports "
+            f"(ranges of unequal width); {PORTS_FORM}"
+        )
+    if tlo != thi or llo == lhi:
+        # 1:1, in order (docker-host collapses these onto the first port; we don't).
+        offset = tlo - llo
+        return [PortMap(p, p + offset) for p in range(llo, lhi + 1)]
+    return [PortMap(p, tlo) for p in range(llo, lhi + 1)]
+
+
+def parse_ports(text: str) -> tuple[PortMap, ...]:
+    """A docker-host style list: items split on commas and/or whitespace; each listen port once."""
+    maps: list[PortMap] = []
+    seen: dict[int, str] = {}
+    items = [i for i in re.split(r"[\s,]+", text.strip()) if i]
+    if not items:
+        raise AddressError(f"{text!r} lists no ports; {PORTS_FORM}")
+    for item in items:
+        for pm in parse_port_item(item):
+            if pm.listen in seen:
+                raise AddressError(
+                    f"listen port {pm.listen} appears twice ({seen[pm.listen]!r} and {item!r}); "
+                    "each listen port may be used once"
+                )
+            seen[pm.listen] = item
+            maps.append(pm)
+    return tuple(maps)
+
+
+def parse_hostport(text: str, *, default_port: int | None = None) -> HostPort:
+    """`host:port`, `1.2.3.4:port`, `[::1]:port`; a bare host only when default_port is given."""
+    text = text.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not _is_ipv6(host):
+            raise AddressError(f"{text!r} is not a valid [IPv6]:PORT; {HOSTPORT_FORM}")
+        if not rest:
+            if default_port is None:
+                raise AddressError(f"{text!r} has no port; {HOSTPORT_FORM}")
+            return HostPort(host, default_port)
+        if not rest.startswith(":"):
+            raise AddressError(f"{text!r} is not a valid [IPv6]:PORT; {HOSTPORT_FORM}")
+        return HostPort(host, parse_port(rest[1:], HOSTPORT_FORM))
+    if text.count(":") > 1:
+        if default_port is not None and _is_ipv6(text):
+            return HostPort(text, default_port)
+        raise AddressError(f"{text!r}: an IPv6 address needs brackets, as in [::1]:80; {HOSTPORT_FORM}")
+    host, colon, port_text = text.partition(":")
+    if not colon:
+        if default_port is None:
+            raise AddressError(f"{text!r} has no port; {HOSTPORT_FORM}")
+        port = default_port
+    else:
+        port = parse_port(port_text, HOSTPORT_FORM)
+    check_host(host, HOSTPORT_FORM)
+    return HostPort(host, port)
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?$"
+)
+
+
+def check_host(host: str, form: str = "expected a host name or an IP address") -> str:
+    """A host name or IP literal (brackets stripped); raises for anything else."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if _is_ip(host) or _HOSTNAME.match(host):
+        return host
+    raise AddressError(f"{host!r} is not a host name or IP address; {form}")
+
+
+def parse_ip(text: str, form: str = "expected an IP address such as 127.0.0.1 or ::1") -> str:
+    """An IP literal for listening (brackets allowed); returns its compressed form."""
+    bare = text.strip()
+    if bare.startswith("[") and bare.endswith("]"):
+        bare = bare[1:-1]
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        raise AddressError(f"{text!r} is not an IP address; {form}") from None
+
+
+def is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip).is_loopback
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """`250ms`, `5s`, `1m`, `1h`, `1.5` (seconds) -> seconds as a float."""
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise AddressError(f"{text!r} is not a duration; {DURATION_FORM}")
+    return float(match.group(1)) * _UNIT[match.group(2)]

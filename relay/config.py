@@ -1,0 +1,424 @@
+"""Settings: frozen dataclasses built from defaults < YAML file < environment < command line.
+
+Each source hands in raw values tagged with where they came from; one builder converts them, so every
+error names its source (`RELAY_PORTS`, `--ports`, `relay.yaml:3: ports`), quotes the value and shows the
+expected form. Nothing here opens sockets, configures logging or exits.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from relay.address import (
+    AddressError,
+    HostPort,
+    PortMap,
+    check_host,
+    format_hostport,
+    parse_duration,
+    parse_hostport,
+    parse_ip,
+    parse_port,
+    parse_ports,
+)
+
+DEFAULT_LISTEN = ("127.0.0.1", "::1")
+AUTO = "auto"
+DEFAULT_METRICS = HostPort("0.0.0.0", 9464)
+
+LoopName = Literal["auto", "asyncio", "uvloop"]
+Family = Literal["any", "ipv4", "ipv6"]
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message is one line: source, value, expected form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Every listen address forwards to target:target_port. `target` may be `auto`."""
+
+    name: str
+    listen: tuple[HostPort, ...]
+    target: str
+    target_port: int
+
+    def describe(self) -> str:
+        listen = ", ".join(str(hp) for hp in self.listen)
+        return f"{listen} -> {format_hostport(self.target, self.target_port)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    routes: tuple[Route, ...] = ()
+    target: str = AUTO
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    connect_timeout: float = 5.0
+    connect_retry: float | None = None
+    idle_timeout: float | None = None
+    half_close_timeout: float | None = None
+    max_connections: int = 4096
+    keepalive: bool = False
+    buffer_size: int = 65536
+    backlog: int = 1024
+    reuseport: bool = False
+    family: Family = "any"
+    log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    metrics: HostPort | None = DEFAULT_METRICS
+    drain_timeout: float = 5.0
+    loop: LoopName = "auto"
+    config_file: str | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+# --- converters: raw value (str from env/CLI, any YAML scalar or list) -> typed value ---------------
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise AddressError(f"{value!r} is not a single value")
+    return str(value)
+
+
+def _duration(value: object) -> float:
+    return parse_duration(_text(value))
+
+
+def _positive_duration(value: object) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise AddressError(f"{value!r} must be more than zero; expected a duration like 250ms, 5s or 1m")
+    return seconds
+
+
+def _optional_duration(value: object) -> float | None:
+    """`off`, `none` or 0 disable the timeout."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"off", "none", ""}):
+        return None
+    seconds = _duration(value)
+    return seconds or None
+
+
+def _int_in(lo: int, hi: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        text = _text(value).strip()
+        if not text.isdigit() or not lo <= int(text) <= hi:
+            raise AddressError(f"{value!r} is not a whole number from {lo} to {hi}")
+        return int(text)
+
+    return convert
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise AddressError(f"{value!r} is not a yes/no value; expected true, false, yes, no, on, off, 1 or 0")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        text = _text(value).strip().lower()
+        if text not in choices:
+            raise AddressError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return convert
+
+
+def _target(value: object) -> str:
+    text = _text(value).strip()
+    if text.lower() == AUTO:
+        return AUTO
+    return check_host(text, "expected auto, a host name or an IP address")
+
+
+def _listen(value: object) -> tuple[str, ...]:
+    """A comma/space list (or YAML list) of IPs; `localhost` means both loopbacks."""
+    items = value if isinstance(value, list) else _text(value).replace(",", " ").split()
+    addrs: list[str] = []
+    for item in items:
+        text = _text(item).strip()
+        found = DEFAULT_LISTEN if text.lower() == "localhost" else (parse_ip(text),)
+        addrs.extend(a for a in found if a not in addrs)
+    if not addrs:
+        raise AddressError(f"{value!r} lists no address; expected IPs such as 127.0.0.1,::1")
+    return tuple(addrs)
+
+
+def _ports(value: object) -> tuple[PortMap, ...]:
+    if isinstance(value, list):
+        value = " ".join(_text(v) for v in value)
+    return parse_ports(_text(value))
+
+
+def _metrics(value: object) -> HostPort | None:
+    text = _text(value).strip()
+    if text.lower() in {"off", "none", "false", "0", ""}:
+        return None
+    if text.isdigit():
+        return HostPort("0.0.0.0", parse_port(text, "expected HOST:PORT, PORT or off"))
+    hp = parse_hostport(text)
+    return HostPort(parse_ip(hp.host, "expected IP:PORT, PORT or off"), hp.port)
+
+
+def _log_level(value: object) -> str:
+    return _choice("debug", "info", "warning", "error")(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    key: str
+    convert: Callable[[object], Any]
+    help: str
+    metavar: str = "VALUE"
+
+    @property
+    def env(self) -> str:
+        return "RELAY_" + self.key.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("ports", _ports, "ports to forward: P, LO-HI, L:T, LLO-LHI:T, LLO-LHI:TLO-THI", "SPEC"),
+    Option(
+        "target",
+        _target,
+        "host to forward to, or auto (host.docker.internal, host.containers.internal, default gateway)",
+        "HOST",
+    ),
+    Option("listen", _listen, "addresses to listen on (default 127.0.0.1,::1)", "IPS"),
+    Option("connect_timeout", _positive_duration, "time to connect to the target (default 5s)", "DURATION"),
+    Option(
+        "connect_retry",
+        _optional_duration,
+        "keep retrying a refused connect this long (default off)",
+        "DURATION",
+    ),
+    Option("idle_timeout", _optional_duration, "close a connection idle this long (default off)", "DURATION"),
+    Option(
+        "half_close_timeout",
+        _optional_duration,
+        "close a half-closed connection after this long (default off)",
+        "DURATION",
+    ),
+    Option("max_connections", _int_in(1, 1_000_000), "concurrent connections (default 4096)", "N"),
+    Option("keepalive", _bool, "SO_KEEPALIVE on both sockets (default off)", "BOOL"),
+    Option("buffer_size", _int_in(1024, 4 * 1024 * 1024), "read size in bytes (default 65536)", "BYTES"),
+    Option("backlog", _int_in(1, 65535), "listen backlog (default 1024)", "N"),
+    Option("reuseport", _bool, "SO_REUSEPORT on listeners (default off)", "BOOL"),
+    Option("family", _choice("any", "ipv4", "ipv6"), "address family for the target (default any)", "FAMILY"),
+    Option("log_level", _log_level, "debug, info, warning or error (default info)", "LEVEL"),
+    Option("log_format", _choice("text", "json"), "text or json (default text)", "FORMAT"),
+    Option("metrics", _metrics, "metrics and health HTTP address, or off (default 0.0.0.0:9464)", "ADDR"),
+    Option("drain_timeout", _duration, "on SIGTERM, wait this long for connections (default 5s)", "DURATION"),
+    Option(
+        "loop", _choice("auto", "asyncio", "uvloop"), "event loop (default auto: uvloop if installed)", "LOOP"
+    ),
+)
+OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+FILE_KEYS = (*OPTION_BY_KEY, "routes")
+ROUTE_KEYS = ("name", "listen", "target")
+ENV_NAMES = {o.env for o in OPTIONS} | {"RELAY_CONFIG"}
+
+
+@dataclass(frozen=True, slots=True)
+class Raw:
+    """A value as a source gave it, and where it came from (for error messages)."""
+
+    value: object
+    source: str
+
+
+# --- sources -----------------------------------------------------------------------------------------
+
+
+def from_env(environ: Mapping[str, str]) -> tuple[dict[str, Raw], list[str]]:
+    """RELAY_* variables, plus docker-host's PORTS and DOCKER_HOST as fallbacks. Returns (raw, warnings)."""
+    raw: dict[str, Raw] = {}
+    warnings: list[str] = []
+    for opt in OPTIONS:
+        if opt.env in environ:
+            raw[opt.key] = Raw(environ[opt.env], opt.env)
+    if "ports" not in raw and "PORTS" in environ:
+        raw["ports"] = Raw(environ["PORTS"], "PORTS")
+    docker_host = environ.get("DOCKER_HOST", "").strip()
+    if "target" not in raw and docker_host:
+        if "://" in docker_host:
+            warnings.append(f"DOCKER_HOST={docker_host!r} is a Docker API address, not a host; ignored")
+        else:
+            raw["target"] = Raw(docker_host, "DOCKER_HOST")
+    for name, value in environ.items():
+        if name.startswith("RELAY_") and name not in ENV_NAMES and not _k8s_service_link(name, value):
+            hint = _did_you_mean(name, sorted(ENV_NAMES))
+            warnings.append(f"{name}: unknown setting, ignored{hint}")
+    return raw, warnings
+
+
+def _k8s_service_link(name: str, value: str) -> bool:
+    """Kubernetes injects RELAY_SERVICE_HOST, RELAY_PORT=tcp://... for a Service named `relay`."""
+    return name.startswith(("RELAY_SERVICE_", "RELAY_PORT_")) or value.startswith(("tcp://", "udp://"))
+
+
+def from_file(path: str) -> dict[str, Raw]:
+    """The YAML file: a mapping of FILE_KEYS; syntax errors give the line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: YAML syntax error: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML error: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}: the file must be a mapping of settings such as 'ports: \"5432\"'")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    raw: dict[str, Raw] = {}
+    for key, value in data.items():
+        where = f"{path}:{lines.get(key, '?')}: {key}"
+        if key not in FILE_KEYS:
+            hint = _did_you_mean(str(key), list(FILE_KEYS))
+            raise ConfigError(f"{where}: unknown key{hint}; known keys: {', '.join(FILE_KEYS)}")
+        raw[str(key)] = Raw(value, where)
+    return raw
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- the builder ---------------------------------------------------------------------------------------
+
+
+def build(
+    raw: Mapping[str, Raw], *, config_file: str | None = None, warnings: tuple[str, ...] = ()
+) -> Config:
+    """Convert merged raw values into a Config, or raise ConfigError naming the source."""
+    values: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key == "routes":
+            continue
+        try:
+            values[key] = OPTION_BY_KEY[key].convert(item.value)
+        except AddressError as err:
+            raise ConfigError(f"{item.source}: {err}") from None
+    ports: tuple[PortMap, ...] = values.pop("ports", ())
+    base = Config(**values, config_file=config_file, warnings=warnings)
+    routes = [
+        Route(
+            f"tcp/{pm.listen}", tuple(HostPort(ip, pm.listen) for ip in base.listen), base.target, pm.target
+        )
+        for pm in ports
+    ]
+    if "routes" in raw:
+        routes.extend(_routes(raw["routes"], base))
+    if not routes:
+        raise ConfigError(
+            "no ports to forward: set RELAY_PORTS (e.g. RELAY_PORTS=5432), --ports, 'ports:' in the "
+            "config file, or give socat-style arguments (tcp-listen:8000 tcp:host.docker.internal:8000)"
+        )
+    _check_unique(routes)
+    return Config(**{**values, "routes": tuple(routes)}, config_file=config_file, warnings=warnings)
+
+
+def _routes(item: Raw, base: Config) -> list[Route]:
+    if not isinstance(item.value, list):
+        raise ConfigError(f"{item.source}: expected a list of routes, each with listen and target")
+    routes = []
+    for index, entry in enumerate(item.value):
+        where = f"{item.source}[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with name, listen and target")
+        for key in entry:
+            if key not in ROUTE_KEYS:
+                hint = _did_you_mean(str(key), list(ROUTE_KEYS))
+                raise ConfigError(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(ROUTE_KEYS)}")
+        for key in ("listen", "target"):
+            if key not in entry:
+                raise ConfigError(f"{where}: missing {key!r}")
+        try:
+            listen = _route_listen(entry["listen"], base.listen)
+            target = parse_hostport(_text(entry["target"]), default_port=listen[0].port)
+            target_host = _target(target.host)
+        except AddressError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        name = str(entry.get("name") or f"tcp/{listen[0].port}")
+        routes.append(Route(name, listen, target_host, target.port))
+    return routes
+
+
+def _route_listen(value: object, default_ips: tuple[str, ...]) -> tuple[HostPort, ...]:
+    """`6000` (default addresses), `127.0.0.1:6000`, `[::1]:6000`, or a list of those."""
+    items = value if isinstance(value, list) else [value]
+    result: list[HostPort] = []
+    for item in items:
+        text = _text(item).strip()
+        if text.isdigit():
+            port = parse_port(text, "expected PORT, IP:PORT or [IPv6]:PORT")
+            result.extend(HostPort(ip, port) for ip in default_ips)
+        else:
+            hp = parse_hostport(text)
+            result.append(HostPort(parse_ip(hp.host, "expected PORT, IP:PORT or [IPv6]:PORT"), hp.port))
+    if not result:
+        raise AddressError(f"{value!r} lists no listen address; expected PORT, IP:PORT or [IPv6]:PORT")
+    return tuple(result)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    wild = {"0.0.0.0": ".", "::": ":"}
+    return (a in wild and (":" in b) == (a == "::")) or (b in wild and (":" in a) == (b == "::"))
+
+
+def _check_unique(routes: list[Route]) -> None:
+    seen: list[tuple[HostPort, Route]] = []
+    for route in routes:
+        for hp in route.listen:
+            for other_hp, other in seen:
+                if hp.port == other_hp.port and _overlaps(hp.host, other_hp.host):
+                    raise ConfigError(
+                        f"listen port {hp.port} is used twice ({other.name} on {other_hp} and "
+                        f"{route.name} on {hp}); each listen port may be used once"
+                    )
+            seen.append((hp, route))
+
+
+def load(
+    cli: Mapping[str, Raw], environ: Mapping[str, str] | None = None, config_path: str | None = None
+) -> Config:
+    """defaults < file < env < CLI. `config_path` is --config; RELAY_CONFIG is its env form."""
+    environ = os.environ if environ is None else environ
+    env_raw, warnings = from_env(environ)
+    path = config_path or environ.get("RELAY_CONFIG") or None
+    merged: dict[str, Raw] = {}
+    if path:
+        merged.update(from_file(path))
+    merged.update(env_raw)
+    merged.update(cli)
+    return build(merged, config_file=path, warnings=tuple(warnings))

@@ -1,0 +1,278 @@
+"""One relayed pair: accept, connect to the target, two pumps, close once.
+
+Rules:
+1. The client is not read until the target is connected. Bytes it sends first (HTTP, PostgreSQL
+   clients speak first) wait in the kernel's receive buffer, so they are kept, bounded and delivered
+   first, in order.
+2. The pair ends when both sides are closed. Clean EOFs travel as FIN (pump.py); a reset or error on
+   one side resets the other at once; idle and half-close timeouts, shutdown and connect failures close
+   both. The first cause seen is the reason recorded.
+3. Every pair is in `Shared.connections` from accept until both sockets are gone, and `finish` runs
+   exactly once; drain, limits, metrics and tests read that set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from relay.config import Config, Route
+from relay.logs import RateLimited
+from relay.pump import BufferPool, Side, reset, set_socket_options
+from relay.stats import RouteStats
+from relay.upstream import HINTS, Resolver, backoff_delays, classify, open_connection
+
+log = logging.getLogger("relay")
+
+
+@dataclass(slots=True)
+class Shared:
+    """State every connection on the loop shares."""
+
+    config: Config
+    pool: BufferPool
+    connections: set[Connection] = field(default_factory=set)
+    warnings: RateLimited = field(default_factory=RateLimited)
+    drained: asyncio.Event | None = None  # set when `connections` becomes empty during a drain
+
+
+@dataclass(slots=True)
+class RouteContext:
+    route: Route
+    resolver: Resolver
+    stats: RouteStats
+    shared: Shared
+
+
+class Connection:
+    __slots__ = (
+        "_half_timer",
+        "_idle_bytes",
+        "_idle_since",
+        "_idle_timer",
+        "client",
+        "ctx",
+        "reason",
+        "started",
+        "target",
+        "task",
+    )
+
+    def __init__(self, ctx: RouteContext) -> None:
+        self.ctx = ctx
+        pool = ctx.shared.pool
+        self.client = Side(self, pool)
+        self.target = Side(self, pool)
+        self.reason: str | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.started = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._half_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self._idle_bytes = 0
+
+    @property
+    def bytes_c2t(self) -> int:
+        return self.client.nbytes
+
+    @property
+    def bytes_t2c(self) -> int:
+        return self.target.nbytes
+
+    # --- events from the two sides ------------------------------------------------------------------
+
+    def side_made(self, side: Side) -> None:
+        if side is self.client:
+            self._accepted()
+        else:
+            self._target_connected()
+
+    def _accepted(self) -> None:
+        transport = self.client.transport
+        assert transport is not None
+        ctx = self.ctx
+        shared = ctx.shared
+        ctx.stats.accepted += 1
+        draining = shared.drained is not None
+        if draining or len(shared.connections) >= shared.config.max_connections:
+            ctx.stats.closed["shutdown" if draining else "limit"] += 1
+            self.client.lost = self.target.lost = True  # never registered: nothing to finish
+            reset(transport)
+            if not draining:
+                shared.warnings.warning(
+                    "limit",
+                    f"max_connections ({shared.config.max_connections}) reached: "
+                    "new connections are closed at once",
+                    route=ctx.route.name,
+                )
+            return
+        transport.pause_reading()  # rule 1
+        loop = asyncio.get_running_loop()
+        self.started = loop.time()
+        shared.connections.add(self)
+        ctx.stats.active += 1
+        self.task = loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        ctx = self.ctx
+        config = ctx.shared.config
+        loop = asyncio.get_running_loop()
+        delays = backoff_delays(config.connect_retry) if config.connect_retry else iter(())
+        while True:
+            try:
+                async with asyncio.timeout(config.connect_timeout):
+                    resolution = await ctx.resolver.resolve()
+                    await open_connection(
+                        loop, self._target_side, resolution.addresses, ctx.route.target_port
+                    )
+            except Exception as exc:
+                reason = classify(exc)
+                delay = next(delays, None) if reason == "refused" else None
+                if delay is not None and self.reason is None:
+                    await asyncio.sleep(delay)
+                    continue
+                self._connect_failed(reason, exc)
+                return
+            ctx.stats.connect_seconds.observe(loop.time() - self.started)
+            return
+
+    def _target_side(self) -> Side:
+        return self.target
+
+    def _connect_failed(self, reason: str, exc: BaseException) -> None:
+        ctx = self.ctx
+        ctx.stats.connect_errors[reason] += 1
+        route = ctx.route
+        hint = HINTS.get(reason)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        ctx.shared.warnings.warning(
+            f"connect:{route.name}:{reason}",
+            f"{route.name}: cannot connect to {route.target}:{route.target_port} ({reason}: {detail})"
+            + (f"; {hint}" if hint else ""),
+            route=route.name,
+            reason=reason,
+        )
+        self.close("connect_failed")
+
+    def _target_connected(self) -> None:
+        client, target = self.client, self.target
+        assert target.transport is not None and client.transport is not None
+        if self.reason is not None or client.lost:
+            target.transport.abort()  # closed while we were connecting
+            return
+        keepalive = self.ctx.shared.config.keepalive
+        set_socket_options(client.transport, keepalive=keepalive)
+        set_socket_options(target.transport, keepalive=keepalive)
+        client.out = target.transport
+        target.out = client.transport
+        client.transport.resume_reading()
+        config = self.ctx.shared.config
+        if config.idle_timeout:
+            loop = asyncio.get_running_loop()
+            self._idle_since = loop.time()
+            self._idle_timer = loop.call_later(config.idle_timeout / 4, self._idle_check)
+        log.debug("%s: connected", self.ctx.route.name, extra={"route": self.ctx.route.name})
+
+    def side_eof(self, side: Side) -> None:
+        other = self.target if side is self.client else self.client
+        if other.eof:
+            self.close("eof")
+            return
+        if other.transport is not None and not other.transport.is_closing():
+            other.transport.write_eof()
+        timeout = self.ctx.shared.config.half_close_timeout
+        if timeout and self._half_timer is None:
+            self._half_timer = asyncio.get_running_loop().call_later(timeout, self.close, "idle_timeout")
+
+    def side_lost(self, side: Side, exc: Exception | None) -> None:
+        other = self.target if side is self.client else self.client
+        if self.reason is None:
+            if exc is None:
+                self.reason = "eof"
+            else:
+                self.reason = "client_reset" if side is self.client else "target_reset"
+        if other.transport is not None and not other.lost:
+            if exc is None:
+                other.transport.close()
+            else:
+                reset(other.transport)
+        self._maybe_finish()
+
+    # --- closing -----------------------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """Close both sides: gracefully for EOF, at once (RST) for everything else."""
+        if self.reason is None:
+            self.reason = reason
+        if self.task is not None and not self.task.done() and self.task is not asyncio.current_task():
+            self.task.cancel()
+        for side in (self.client, self.target):
+            if side.transport is not None and not side.lost:
+                if reason == "eof":
+                    side.transport.close()
+                elif reason == "connect_failed":
+                    side.transport.close()  # the client sees a plain close, as with socat
+                else:
+                    reset(side.transport)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        client, target = self.client, self.target
+        if not client.lost:
+            return
+        if target.transport is not None and not target.lost:
+            return
+        task = self.task
+        if (
+            target.transport is None
+            and task is not None
+            and not task.done()
+            and task is not asyncio.current_task()
+        ):
+            task.cancel()
+            task.add_done_callback(lambda _: self._maybe_finish())
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        shared = self.ctx.shared
+        if self not in shared.connections:
+            return
+        shared.connections.discard(self)
+        for timer in (self._idle_timer, self._half_timer):
+            if timer is not None:
+                timer.cancel()
+        stats = self.ctx.stats
+        reason = self.reason or "eof"
+        stats.active -= 1
+        stats.closed[reason] += 1
+        stats.bytes_c2t += self.client.nbytes
+        stats.bytes_t2c += self.target.nbytes
+        stats.duration_seconds.observe(asyncio.get_running_loop().time() - self.started)
+        log.debug(
+            "%s: closed (%s), %d bytes to target, %d bytes to client",
+            self.ctx.route.name,
+            reason,
+            self.client.nbytes,
+            self.target.nbytes,
+            extra={"route": self.ctx.route.name},
+        )
+        if shared.drained is not None and not shared.connections:
+            shared.drained.set()
+
+    # --- timers --------------------------------------------------------------------------------------------
+
+    def _idle_check(self) -> None:
+        """Runs every idle_timeout/4: close when no byte moved for idle_timeout (no per-chunk clock)."""
+        timeout = self.ctx.shared.config.idle_timeout
+        assert timeout is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        moved = self.client.nbytes + self.target.nbytes
+        if moved != self._idle_bytes:
+            self._idle_bytes, self._idle_since = moved, now
+        elif now - self._idle_since >= timeout:
+            self.close("idle_timeout")
+            return
+        self._idle_timer = loop.call_later(timeout / 4, self._idle_check)

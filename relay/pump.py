@@ -1,0 +1,127 @@
+"""Moving bytes from one socket of a relayed pair to the other.
+
+Rules this module keeps:
+1. Order and completeness: every byte read from one side is handed to the other side's transport, in
+   order, before the next read on that side. Nothing is dropped while the other side is open.
+2. Bounded memory: when a transport's write buffer passes its high-water mark the loop calls
+   `pause_writing` on its protocol, which stops reading the *other* side until `resume_writing`.
+   So each direction holds at most HIGH_WATER + one read (see WRITE_LIMITS), whatever the sender does.
+3. Half-close passes through: EOF read on one side becomes `write_eof()` (FIN) on the other, and the
+   opposite direction keeps flowing. The pair (connection.py) decides when both directions are done.
+4. One read buffer per event loop, not per connection: reads land in `BufferPool.view` and are written
+   on at once. A transport that cannot send everything immediately may keep a reference to that memory
+   (uvloop queues a view, not a copy), so after such a write the pool hands out a fresh buffer.
+   Idle connections therefore hold no buffer at all.
+
+The hot path (`buffer_updated`) does a counter add, one write and one buffer-size check: no logging,
+no metrics calls, no allocation unless the peer is backed up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Protocol, cast
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class Owner(Protocol):
+    """What a side reports to the pair that owns it."""
+
+    def side_made(self, side: Side) -> None: ...
+    def side_eof(self, side: Side) -> None: ...
+    def side_lost(self, side: Side, exc: Exception | None) -> None: ...
+
+
+class BufferPool:
+    """The read buffer shared by every side on one event loop (rule 4)."""
+
+    __slots__ = ("size", "view")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.view = memoryview(bytearray(size))
+
+    def renew(self) -> None:
+        self.view = memoryview(bytearray(self.size))
+
+
+class Side(asyncio.BufferedProtocol):
+    """One socket of a pair: what it reads is written to `out`, the other socket's transport."""
+
+    __slots__ = ("eof", "lost", "nbytes", "out", "owner", "pool", "transport")
+
+    def __init__(self, owner: Owner, pool: BufferPool) -> None:
+        self.owner = owner
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.out: asyncio.Transport | None = None
+        self.nbytes = 0
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport but have its methods.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        self.owner.side_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.pool.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        out = self.out
+        if out is None or out.is_closing():
+            return  # the other side is gone; the pair is being closed
+        self.nbytes += nbytes
+        out.write(self.pool.view[:nbytes])
+        if out.get_write_buffer_size():
+            self.pool.renew()  # `out` may still point into the buffer (rule 4)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.owner.side_eof(self)
+        return True  # keep our transport open: the other direction may still be flowing
+
+    def pause_writing(self) -> None:
+        peer = self.out
+        if peer is not None:
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.out
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.owner.side_lost(self, exc)
+
+
+def set_socket_options(transport: asyncio.BaseTransport, *, keepalive: bool) -> None:
+    """TCP_NODELAY always (request/response latency), SO_KEEPALIVE when asked."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass  # the socket was reset between accept and here; the read path reports it
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with RST rather than FIN, so the peer sees the failure the other side saw."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        except OSError:
+            pass  # already dead: abort() below is all that is left to do
+    transport.abort()

@@ -1,0 +1,257 @@
+"""The relay's lifecycle: start, serve, reload on SIGHUP, drain on SIGTERM.
+
+Rules:
+1. Signal handlers only record the signal; `serve()` does the work in order.
+2. Start: resolve and log each target, bind every listener (any failure closes what was bound and
+   raises ListenError before anything is served), then log `ready`.
+3. Drain (first SIGTERM/SIGINT): close listeners (readiness goes false), wait up to drain_timeout for
+   the live connections to finish, then reset what is left and log how many. A second SIGTERM/SIGINT
+   ends the wait at once.
+4. Reload (SIGHUP): build the new config first; if it is bad, log one error and keep the old one.
+   Otherwise stop listening for removed routes (their connections finish on their own), start added
+   ones, and leave unchanged routes and their connections untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from relay import __version__
+from relay.address import format_hostport
+from relay.config import Config, ConfigError, Route
+from relay.connection import Connection, RouteContext, Shared
+from relay.listener import Listener, ListenError, open_route
+from relay.pump import BufferPool
+from relay.stats import RouteStats
+from relay.upstream import HINTS, ResolveError, Resolver
+
+log = logging.getLogger("relay")
+
+FDS_PER_CONNECTION = 2
+FD_RESERVE = 64
+
+
+@dataclass(slots=True)
+class ActiveRoute:
+    ctx: RouteContext
+    listeners: list[Listener]
+
+
+class Server:
+    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None) -> None:
+        self.config = config
+        self._reload_config = reload
+        self.shared = Shared(config, BufferPool(config.buffer_size))
+        self.routes: dict[Route, ActiveRoute] = {}
+        self.stats: dict[str, RouteStats] = {}
+        self.resolvers: dict[tuple[str, str], Resolver] = {}
+        self.draining = False
+        self.ready = asyncio.Event()
+        self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self.on_start: list[Callable[[Server], object]] = []
+
+    # --- reading state (metrics, health, tests) --------------------------------------------------------
+
+    @property
+    def connections(self) -> set[Connection]:
+        return self.shared.connections
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return [lst for active in self.routes.values() for lst in active.listeners]
+
+    def address_of(self, route_name: str) -> list[tuple[str, int]]:
+        return [
+            (lst.address.host, lst.address.port) for lst in self.listeners if lst.route.name == route_name
+        ]
+
+    # --- start ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._check_fd_limit(self.config)
+        for warning in self.config.warnings:
+            log.warning(warning)
+        await self._log_targets(self.config)
+        try:
+            for route in self.config.routes:
+                await self._open(route)
+        except BaseException:
+            self._close_listeners(list(self.routes))
+            raise
+        for hook in self.on_start:
+            hook(self)
+        log.info(
+            "ready: relay %s, %d route(s), %d listener(s)", __version__, len(self.routes), len(self.listeners)
+        )
+        self.ready.set()
+
+    async def _open(self, route: Route) -> None:
+        ctx = RouteContext(
+            route, self._resolver(route.target), self.stats.setdefault(route.name, RouteStats()), self.shared
+        )
+        listeners = await open_route(
+            route,
+            lambda: Connection(ctx).client,
+            backlog=self.config.backlog,
+            reuseport=self.config.reuseport,
+        )
+        self.routes[route] = ActiveRoute(ctx, listeners)
+        log.info("%s: %s", route.name, _describe(route, listeners), extra={"route": route.name})
+
+    def _resolver(self, target: str) -> Resolver:
+        key = (target, self.config.family)
+        if key not in self.resolvers:
+            self.resolvers[key] = Resolver(target, self.config.family)
+        return self.resolvers[key]
+
+    async def _log_targets(self, config: Config) -> None:
+        for target in dict.fromkeys(r.target for r in config.routes):
+            resolver = self._resolver(target)
+            try:
+                resolution = await resolver.resolve()
+            except ResolveError as err:
+                log.warning("target: %s; connections will fail until it does (%s)", err, HINTS["unresolved"])
+                continue
+            log.info(resolution.describe())
+
+    def _check_fd_limit(self, config: Config) -> None:
+        """Raise the open-files soft limit so max_connections cannot run into EMFILE; warn if it can't."""
+        need = config.max_connections * FDS_PER_CONNECTION + FD_RESERVE
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                soft = new
+            except (ValueError, OSError):
+                pass
+        if soft != resource.RLIM_INFINITY and soft < need:
+            fit = max(1, (soft - FD_RESERVE) // FDS_PER_CONNECTION)
+            log.warning(
+                "max_connections %d needs %d open files but the limit is %d; allowing %d connections "
+                "(raise it with ulimits: nofile in compose)",
+                config.max_connections,
+                need,
+                soft,
+                fit,
+            )
+            self.config = config = replace(config, max_connections=fit)
+            self.shared.config = config
+
+    # --- serve -------------------------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Start, then handle signals until told to stop; drain and return."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        try:
+            await self.start()
+            while True:
+                sig = await self._signals.get()
+                if sig == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info(
+                    "%s: draining %d connection(s), up to %gs",
+                    sig.name,
+                    len(self.connections),
+                    self.config.drain_timeout,
+                )
+                await self.drain()
+                return
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        """Ask `serve` to drain and return, as SIGTERM does."""
+        self._signals.put_nowait(signal.SIGTERM)
+
+    async def drain(self) -> None:
+        self.draining = True
+        self.ready.clear()
+        self._close_listeners(list(self.routes))
+        shared = self.shared
+        shared.drained = asyncio.Event()
+        if shared.connections:
+            shared.drained.clear()
+            waiter = asyncio.ensure_future(shared.drained.wait())
+            second = asyncio.ensure_future(self._second_signal())
+            await asyncio.wait(
+                {waiter, second}, timeout=self.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in (waiter, second):
+                task.cancel()
+        left = list(shared.connections)
+        for conn in left:
+            conn.close("shutdown")
+        if left:
+            log.warning(
+                "drain: closed %d connection(s) still open after %gs", len(left), self.config.drain_timeout
+            )
+            if shared.connections:  # let the resets reach the kernel and the pairs finish
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(shared.drained.wait(), timeout=1.0)
+        log.info("stopped")
+
+    async def _second_signal(self) -> None:
+        while (await self._signals.get()) == signal.SIGHUP:
+            continue
+        log.info("second signal: closing now")
+
+    def _close_listeners(self, routes: list[Route]) -> None:
+        for route in routes:
+            active = self.routes.get(route)
+            if active is not None:
+                for listener in active.listeners:
+                    listener.close()
+                active.listeners = []
+
+    # --- reload ------------------------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        if self._reload_config is None:
+            log.warning("SIGHUP: no configuration source to reload; ignored")
+            return
+        try:
+            new = self._reload_config()
+        except ConfigError as err:
+            log.error("reload failed, keeping the running configuration: %s", err)
+            return
+        old_routes, new_routes = set(self.routes), set(new.routes)
+        removed = [r for r in self.routes if r not in new_routes]
+        added = [r for r in new.routes if r not in old_routes]
+        self._close_listeners(removed)
+        self.config = new
+        self.shared.config = new
+        opened: list[Route] = []
+        try:
+            await self._log_targets(Config(routes=tuple(added)))
+            for route in added:
+                await self._open(route)
+                opened.append(route)
+        except ListenError as err:
+            log.error("reload: %s; routes added by this reload are not served", err)
+            self._close_listeners(opened)
+            for route in opened:
+                del self.routes[route]
+        for route in removed:
+            del self.routes[route]
+        log.info(
+            "reloaded: %d route(s) added, %d removed, %d unchanged",
+            len(added),
+            len(removed),
+            len(old_routes & new_routes),
+        )
+
+
+def _describe(route: Route, listeners: list[Listener]) -> str:
+    bound = ", ".join(str(lst.address) for lst in listeners)
+    return f"{bound} -> {format_hostport(route.target, route.target_port)}"

@@ -1,0 +1,208 @@
+"""socat's argv for the relay case, turned into the same raw settings the CLI gives.
+
+    relay [-d…] [-b N] [-t S] [-T S] [-4|-6] TCP-LISTEN:port[,opts] TCP:host:port[,opts]
+
+so that a compose file written for alpine/socat only swaps its image. Differences from socat, on purpose:
+a listener without bind= also listens on ::1 (clients whose localhost is ::1 connect too), and a
+half-closed connection is not cut after 0.5 s unless -t is given.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relay.address import AddressError, check_host, parse_duration, parse_ip, parse_port
+from relay.config import ConfigError, Raw
+
+SOURCE = "socat argument"
+LISTEN_FORM = "expected TCP-LISTEN:PORT[,options] (also TCP-L, TCP4-LISTEN, TCP6-LISTEN)"
+CONNECT_FORM = "expected TCP:HOST:PORT[,options] (also TCP-CONNECT, TCP4, TCP6)"
+LISTEN_KEYWORDS = {
+    "tcp-listen": "any",
+    "tcp-l": "any",
+    "tcp4-listen": "ipv4",
+    "tcp4-l": "ipv4",
+    "tcp6-listen": "ipv6",
+    "tcp6-l": "ipv6",
+}
+CONNECT_KEYWORDS = {
+    "tcp": "any",
+    "tcp-connect": "any",
+    "tcp4": "ipv4",
+    "tcp4-connect": "ipv4",
+    "tcp6": "ipv6",
+    "tcp6-connect": "ipv6",
+}
+# Options accepted without effect: the relay always forks (one process, a task per connection),
+# always sets SO_REUSEADDR and TCP_NODELAY.
+HARMLESS = {"fork", "reuseaddr", "nodelay", "ipv6only", "crlf-off"}
+VALUE_FLAGS = {"-b", "-t", "-T"}
+IGNORED_FLAGS = {"-v", "-x", "-ly", "-lu", "-lm", "-lh"}
+
+
+@dataclass(frozen=True, slots=True)
+class SocatArgs:
+    raw: dict[str, Raw]
+    debug_level: int
+    notes: tuple[str, ...]
+
+
+_ADDRESS = re.compile(r"^[A-Za-z][A-Za-z0-9-]*:")
+
+
+def looks_like_socat(argv: list[str]) -> bool:
+    """socat's argv has KEYWORD:... addresses; the relay's own options never start a value that way."""
+    return any(_ADDRESS.match(a) for a in argv)
+
+
+def parse(argv: list[str]) -> SocatArgs:
+    raw: dict[str, Raw] = {}
+    notes: list[str] = []
+    debug = 0
+    addresses: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-") or arg == "-":
+            addresses.append(arg)
+        elif set(arg[1:]) == {"d"}:
+            debug += len(arg) - 1
+        elif arg in VALUE_FLAGS:
+            value = next(args, None)
+            if value is None:
+                raise ConfigError(f"{SOURCE} {arg}: missing its value")
+            _flag(arg, value, raw)
+        elif arg in ("-4", "-6"):
+            raw["family"] = Raw("ipv4" if arg == "-4" else "ipv6", f"{SOURCE} {arg}")
+        elif arg in IGNORED_FLAGS:
+            notes.append(f"socat flag {arg} has no equivalent in relay; ignored")
+        else:
+            raise ConfigError(
+                f"{SOURCE} {arg!r}: not supported; expected -d, -b N, -t S, -T S, -4 or -6 and two addresses"
+            )
+    if len(addresses) != 2:
+        raise ConfigError(
+            f"{SOURCE}s {' '.join(addresses)!r}: expected exactly two addresses, "
+            "TCP-LISTEN:PORT[,options] then TCP:HOST:PORT[,options]"
+        )
+    _listen_address(addresses[0], raw, notes)
+    _connect_address(addresses[1], raw, notes)
+    return SocatArgs(raw, debug, tuple(notes))
+
+
+def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
+    where = f"{SOURCE} {flag}"
+    try:
+        if flag == "-b":
+            raw["buffer_size"] = Raw(value, where)
+        elif flag == "-t":
+            # Asked for explicitly: cut half-closed connections after this long, as socat does.
+            raw["half_close_timeout"] = Raw(str(parse_duration(value)), where)
+        else:
+            raw["idle_timeout"] = Raw(str(parse_duration(value)), where)
+    except AddressError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _split(address: str) -> tuple[str, list[str], list[str]]:
+    """`KEYWORD:a:b,opt1,opt2=v` -> (keyword lowercased, [a, b], [opt1, opt2=v])."""
+    head, *options = address.split(",")
+    keyword, _, rest = head.partition(":")
+    params = rest.split(":") if rest else []
+    if rest.startswith("["):  # TCP6:[::1]:80
+        host, _, port = rest[1:].partition("]")
+        params = [host, port.lstrip(":")]
+    return keyword.lower(), params, options
+
+
+def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None:
+    where = f"{SOURCE} {address!r}"
+    keyword, params, options = _split(address)
+    if keyword not in LISTEN_KEYWORDS:
+        raise ConfigError(f"{where}: {keyword.upper()!r} is not a supported listen address; {LISTEN_FORM}")
+    if len(params) != 1:
+        raise ConfigError(f"{where}: expected one port after {keyword.upper()}; {LISTEN_FORM}")
+    try:
+        port = parse_port(params[0], LISTEN_FORM)
+    except AddressError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    family = LISTEN_KEYWORDS[keyword]
+    listen = {"any": ["0.0.0.0", "::1"], "ipv4": ["0.0.0.0"], "ipv6": ["::"]}[family]
+    raw["ports"] = Raw(str(port), where)
+    for option in options:
+        name, eq, value = option.partition("=")
+        name = name.lower()
+        try:
+            if name == "bind":
+                listen = [parse_ip(value, "expected bind=IP")]
+            elif name == "backlog":
+                raw["backlog"] = Raw(value, where)
+            elif name == "max-children":
+                raw["max_connections"] = Raw(value, where)
+            elif name == "reuseport":
+                raw["reuseport"] = Raw(value or "true", where)
+            else:
+                _common_option(name, eq, value, where, raw, notes)
+        except AddressError as err:
+            raise ConfigError(f"{where}: option {option!r}: {err}") from None
+    raw["listen"] = Raw(listen, where)
+
+
+def _connect_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None:
+    where = f"{SOURCE} {address!r}"
+    keyword, params, options = _split(address)
+    if keyword not in CONNECT_KEYWORDS:
+        raise ConfigError(f"{where}: {keyword.upper()!r} is not a supported connect address; {CONNECT_FORM}")
+    if len(params) != 2:
+        raise ConfigError(f"{where}: expected HOST:PORT after {keyword.upper()}; {CONNECT_FORM}")
+    try:
+        host = check_host(params[0], CONNECT_FORM)
+        port = parse_port(params[1], CONNECT_FORM)
+    except AddressError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    listen_port = raw["ports"].value
+    raw["ports"] = Raw(f"{listen_port}:{port}", raw["ports"].source)
+    raw["target"] = Raw(host, where)
+    if CONNECT_KEYWORDS[keyword] != "any":
+        raw["family"] = Raw(CONNECT_KEYWORDS[keyword], where)
+    retries: int | None = None
+    interval = 1.0
+    for option in options:
+        name, eq, value = option.partition("=")
+        name = name.lower()
+        try:
+            if name == "connect-timeout":
+                raw["connect_timeout"] = Raw(value, where)
+            elif name == "retry":
+                retries = int(value) if value.isdigit() else _bad_number(value)
+            elif name == "interval":
+                interval = parse_duration(value)
+            elif name == "forever":
+                retries = -1
+            elif name == "bind":
+                raise AddressError("a source address for the target connection is not supported")
+            else:
+                _common_option(name, eq, value, where, raw, notes)
+        except AddressError as err:
+            raise ConfigError(f"{where}: option {option!r}: {err}") from None
+    if retries is not None:
+        # socat retries N times, `interval` apart; the relay retries refused connects for that long.
+        budget = 365 * 86400.0 if retries < 0 else retries * interval
+        raw["connect_retry"] = Raw(str(budget), where)
+
+
+def _bad_number(value: str) -> int:
+    raise AddressError(f"{value!r} is not a whole number")
+
+
+def _common_option(name: str, eq: str, value: str, where: str, raw: dict[str, Raw], notes: list[str]) -> None:
+    """Options valid on either address."""
+    if name == "keepalive":
+        raw["keepalive"] = Raw(value or "true", where)
+    elif name in HARMLESS:
+        return
+    else:
+        raise AddressError(
+            f"{name!r} is not supported; supported: fork, reuseaddr, reuseport, bind=, backlog=, "
+            "max-children=, connect-timeout=, keepalive, nodelay, retry=, interval=, forever"
+        )
