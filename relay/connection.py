@@ -2,8 +2,8 @@
 
 Rules:
 1. The client is not read until the target is connected. Bytes it sends first (HTTP, PostgreSQL
-   clients speak first) wait in the kernel's receive buffer, so they are kept, bounded and delivered
-   first, in order.
+   clients speak first) wait in the kernel's receive buffer, or, for at most one read, in
+   `Side.early`; they are delivered first, in order.
 2. The pair ends when both sides are closed. Clean EOFs travel as FIN (pump.py); a reset or error on
    one side resets the other at once; idle and half-close timeouts, shutdown and connect failures close
    both. The first cause seen is the reason recorded.
@@ -24,6 +24,10 @@ from relay.stats import RouteStats
 from relay.upstream import HINTS, Resolver, backoff_delays, classify, open_connection
 
 log = logging.getLogger("relay")
+
+# Reasons that end a pair with FIN after flushing; the others (resets, shutdown after the drain
+# timeout) reset both sides so nobody mistakes a cut connection for a complete answer.
+GRACEFUL = frozenset({"eof", "connect_failed", "idle_timeout"})
 
 
 @dataclass(slots=True)
@@ -164,6 +168,11 @@ class Connection:
         keepalive = self.ctx.shared.config.keepalive
         set_socket_options(client.transport, keepalive=keepalive)
         set_socket_options(target.transport, keepalive=keepalive)
+        if client.early:  # rule 1: what the client said first goes first
+            target.transport.write(client.early)
+            client.early = bytearray()
+        if client.eof:
+            target.transport.write_eof()
         client.out = target.transport
         target.out = client.transport
         client.transport.resume_reading()
@@ -202,17 +211,15 @@ class Connection:
     # --- closing -----------------------------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
-        """Close both sides: gracefully for EOF, at once (RST) for everything else."""
+        """Close both sides: FIN for GRACEFUL reasons, RST for the rest."""
         if self.reason is None:
             self.reason = reason
         if self.task is not None and not self.task.done() and self.task is not asyncio.current_task():
             self.task.cancel()
         for side in (self.client, self.target):
             if side.transport is not None and not side.lost:
-                if reason == "eof":
+                if reason in GRACEFUL:
                     side.transport.close()
-                elif reason == "connect_failed":
-                    side.transport.close()  # the client sees a plain close, as with socat
                 else:
                     reset(side.transport)
         self._maybe_finish()

@@ -53,7 +53,7 @@ class BufferPool:
 class Side(asyncio.BufferedProtocol):
     """One socket of a pair: what it reads is written to `out`, the other socket's transport."""
 
-    __slots__ = ("eof", "lost", "nbytes", "out", "owner", "pool", "transport")
+    __slots__ = ("early", "eof", "lost", "nbytes", "out", "owner", "pool", "transport")
 
     def __init__(self, owner: Owner, pool: BufferPool) -> None:
         self.owner = owner
@@ -63,6 +63,7 @@ class Side(asyncio.BufferedProtocol):
         self.nbytes = 0
         self.eof = False
         self.lost = False
+        self.early = bytearray()  # read before `out` existed; the pair writes it first
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport but have its methods.
@@ -76,12 +77,26 @@ class Side(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         out = self.out
-        if out is None or out.is_closing():
+        if out is None:
+            self._hold(nbytes)
+            return
+        if out.is_closing():
             return  # the other side is gone; the pair is being closed
         self.nbytes += nbytes
         out.write(self.pool.view[:nbytes])
         if out.get_write_buffer_size():
             self.pool.renew()  # `out` may still point into the buffer (rule 4)
+
+    def _hold(self, nbytes: int) -> None:
+        """Bytes that came before the other side exists: keep them and stop reading (bounded by one read).
+
+        A paused transport is the normal case; uvloop starts reading only after connection_made, so
+        the pause asked for there lands after the first read.
+        """
+        self.nbytes += nbytes
+        self.early += self.pool.view[:nbytes]
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.eof = True

@@ -29,7 +29,7 @@ from relay.connection import Connection, RouteContext, Shared
 from relay.listener import Listener, ListenError, open_route
 from relay.pump import BufferPool
 from relay.stats import RouteStats
-from relay.upstream import HINTS, ResolveError, Resolver
+from relay.upstream import HINTS, Lookup, ResolveError, Resolver
 
 log = logging.getLogger("relay")
 
@@ -44,8 +44,11 @@ class ActiveRoute:
 
 
 class Server:
-    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, reload: Callable[[], Config] | None = None, lookup: Lookup | None = None
+    ) -> None:
         self.config = config
+        self._lookup = lookup
         self._reload_config = reload
         self.shared = Shared(config, BufferPool(config.buffer_size))
         self.routes: dict[Route, ActiveRoute] = {}
@@ -107,7 +110,7 @@ class Server:
     def _resolver(self, target: str) -> Resolver:
         key = (target, self.config.family)
         if key not in self.resolvers:
-            self.resolvers[key] = Resolver(target, self.config.family)
+            self.resolvers[key] = Resolver(target, self.config.family, lookup=self._lookup)
         return self.resolvers[key]
 
     async def _log_targets(self, config: Config) -> None:

@@ -13,8 +13,9 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from relay.config import AUTO, Family
 
@@ -29,6 +30,9 @@ FAMILIES = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_I
 REFUSED_HINT = "is the host service listening on 0.0.0.0 / the docker0 address rather than 127.0.0.1?"
 TIMEOUT_HINT = "a host firewall (ufw, firewalld) dropping the connection, or a wrong address?"
 UNRESOLVED_HINT = 'add extra_hosts: ["host.docker.internal:host-gateway"] to the app service'
+
+
+Lookup = Callable[..., Awaitable[list[tuple[Any, ...]]]]  # loop.getaddrinfo's shape
 
 
 class ResolveError(Exception):
@@ -90,11 +94,13 @@ class Resolver:
         *,
         ttl: float = CACHE_SECONDS,
         gateway: Callable[[], str | None] = read_default_gateway,
+        lookup: Lookup | None = None,
     ) -> None:
         self.target = target
         self.family = FAMILIES[family]
         self.ttl = ttl
         self._gateway = gateway
+        self._lookup = lookup
         self._cached: Resolution | None = None
         self._expires = 0.0
         self._lock: asyncio.Lock | None = None
@@ -119,7 +125,7 @@ class Resolver:
             return result
 
     async def _walk(self) -> Resolution:
-        loop = asyncio.get_running_loop()
+        lookup = self._lookup or asyncio.get_running_loop().getaddrinfo
         failed: list[str] = []
         for name in chain_for(self.target):
             if not name:
@@ -134,7 +140,7 @@ class Resolver:
                 )
                 return Resolution(gateway, (gateway,), "gateway", why)
             try:
-                infos = await loop.getaddrinfo(name, None, family=self.family, type=socket.SOCK_STREAM)
+                infos = await lookup(name, None, family=self.family, type=socket.SOCK_STREAM)
             except (socket.gaierror, UnicodeError):
                 failed.append(name)
                 continue
