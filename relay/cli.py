@@ -120,7 +120,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     async def serve() -> int:
         server = Server(config, reload=reload)
-        _attach_http(server)
         try:
             await server.serve()
         except ListenError as err:
@@ -129,15 +128,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_OK
 
     return run_on_loop(factory, serve())
-
-
-def _attach_http(server: Any) -> None:
-    """Metrics and health over HTTP, when configured (see relay.health)."""
-    if server.config.metrics is None:
-        return
-    from relay.health import attach
-
-    attach(server)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,12 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+OFF = {"off", "none", ""}
+
+
 def _optional_duration(value: object) -> float | None:
-    """`off`, `none` or 0 disable the timeout."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in {"off", "none", ""}):
+    """`off`, `none` or 0 disable the timeout (YAML reads a bare `off` as false)."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in OFF):
         return None
     seconds = _duration(value)
     return seconds or None
@@ -156,6 +159,10 @@ def _listen(value: object) -> tuple[str, ...]:
         addrs.extend(a for a in found if a not in addrs)
     if not addrs:
         raise AddressError(f"{value!r} lists no address; expected IPs such as 127.0.0.1,::1")
+    for a in addrs:
+        for b in addrs:
+            if a != b and _overlaps(a, b):
+                raise AddressError(f"{value!r}: {a} already covers {b}; list one or the other")
     return tuple(addrs)
 
 
@@ -166,8 +173,10 @@ def _ports(value: object) -> tuple[PortMap, ...]:
 
 
 def _metrics(value: object) -> HostPort | None:
+    if value is None or value is False:  # YAML reads a bare `off` as false
+        return None
     text = _text(value).strip()
-    if text.lower() in {"off", "none", "false", "0", ""}:
+    if text.lower() in OFF | {"false", "0"}:
         return None
     if text.isdigit():
         return HostPort("0.0.0.0", parse_port(text, "expected HOST:PORT, PORT or off"))
@@ -335,14 +344,17 @@ def build(
         )
         for pm in ports
     ]
+    sources = [raw["ports"].source] * len(routes) if routes else []
     if "routes" in raw:
-        routes.extend(_routes(raw["routes"], base))
+        explicit = _routes(raw["routes"], base)
+        routes.extend(explicit)
+        sources.extend(f"{raw['routes'].source}[{i}]" for i in range(len(explicit)))
     if not routes:
         raise ConfigError(
             "no ports to forward: set RELAY_PORTS (e.g. RELAY_PORTS=5432), --ports, 'ports:' in the "
             "config file, or give socat-style arguments (tcp-listen:8000 tcp:host.docker.internal:8000)"
         )
-    _check_unique(routes)
+    _check_unique(routes, sources)
     return Config(**{**values, "routes": tuple(routes)}, config_file=config_file, warnings=warnings)
 
 
@@ -396,17 +408,19 @@ def _overlaps(a: str, b: str) -> bool:
     return (a in wild and (":" in b) == (a == "::")) or (b in wild and (":" in a) == (b == "::"))
 
 
-def _check_unique(routes: list[Route]) -> None:
-    seen: list[tuple[HostPort, Route]] = []
-    for route in routes:
+def _check_unique(routes: list[Route], sources: list[str]) -> None:
+    """No two routes may listen on the same port of overlapping addresses (0.0.0.0 covers all IPv4)."""
+    seen: list[tuple[HostPort, str]] = []
+    for route, source in zip(routes, sources, strict=True):
         for hp in route.listen:
-            for other_hp, other in seen:
+            for other_hp, other_source in seen:
                 if hp.port == other_hp.port and _overlaps(hp.host, other_hp.host):
+                    first = "" if other_source == source else f" ({other_source} already listens there)"
                     raise ConfigError(
-                        f"listen port {hp.port} is used twice ({other.name} on {other_hp} and "
-                        f"{route.name} on {hp}); each listen port may be used once"
+                        f"{source}: listen port {hp.port} on {hp} is used twice{first}; "
+                        "each listen port may be used once"
                     )
-            seen.append((hp, route))
+            seen.append((hp, source))
 
 
 def load(

@@ -60,8 +60,12 @@ async def open_route(
     *,
     backlog: int,
     reuseport: bool,
+    skipped: set[str],
 ) -> list[Listener]:
-    """Listen on every address of the route; on failure close what was opened and raise ListenError."""
+    """Listen on every address of the route; on failure close what was opened and raise ListenError.
+
+    Addresses left out because the kernel lacks IPv6 are added to `skipped`.
+    """
     loop = asyncio.get_running_loop()
     listeners: list[Listener] = []
     chosen_port = 0
@@ -73,9 +77,10 @@ async def open_route(
             except OSError as err:
                 if want.host == "::1" and err.errno in NO_IPV6:
                     log.info("%s: IPv6 is not available here; not listening on [::1]:%d", route.name, port)
+                    skipped.add(want.host)
                     continue
                 raise ListenError(
-                    f"cannot listen on {HostPort(want.host, port)} for {route.name}: {_reason(err)}"
+                    f"cannot listen on {HostPort(want.host, port)} for {route.name}: {bind_error(err)}"
                 ) from None
             bound = HostPort(want.host, sock.getsockname()[1])
             chosen_port = chosen_port or bound.port
@@ -90,7 +95,7 @@ async def open_route(
     return listeners
 
 
-def _reason(err: OSError) -> str:
+def bind_error(err: OSError) -> str:
     if err.errno == errno.EADDRINUSE:
         return "address already in use (another process listens on this port)"
     if err.errno == errno.EACCES:

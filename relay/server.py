@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from relay import __version__
-from relay.address import format_hostport
+from relay.address import HostPort, format_hostport
 from relay.config import Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared
-from relay.listener import Listener, ListenError, open_route
+from relay.health import HealthServer
+from relay.listener import Listener, ListenError, bind_error, open_route
 from relay.pump import BufferPool
 from relay.stats import RouteStats
 from relay.upstream import HINTS, Lookup, ResolveError, Resolver
@@ -54,10 +55,11 @@ class Server:
         self.routes: dict[Route, ActiveRoute] = {}
         self.stats: dict[str, RouteStats] = {}
         self.resolvers: dict[tuple[str, str], Resolver] = {}
+        self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
+        self.health: HealthServer | None = None
         self.draining = False
         self.ready = asyncio.Event()
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-        self.on_start: list[Callable[[Server], object]] = []
 
     # --- reading state (metrics, health, tests) --------------------------------------------------------
 
@@ -84,15 +86,25 @@ class Server:
         try:
             for route in self.config.routes:
                 await self._open(route)
+            if self.config.metrics is not None:
+                await self._start_health(self.config.metrics)
         except BaseException:
             self._close_listeners(list(self.routes))
             raise
-        for hook in self.on_start:
-            hook(self)
         log.info(
             "ready: relay %s, %d route(s), %d listener(s)", __version__, len(self.routes), len(self.listeners)
         )
         self.ready.set()
+
+    async def _start_health(self, address: HostPort) -> None:
+        self.health = HealthServer(self)
+        try:
+            bound = await self.health.start(address)
+        except OSError as err:
+            raise ListenError(
+                f"cannot listen on {address} for metrics and health: {bind_error(err)}"
+            ) from None
+        log.info("metrics and health: http://%s/metrics, /healthz, /readyz", bound)
 
     async def _open(self, route: Route) -> None:
         ctx = RouteContext(
@@ -103,6 +115,7 @@ class Server:
             lambda: Connection(ctx).client,
             backlog=self.config.backlog,
             reuseport=self.config.reuseport,
+            skipped=self.skipped_hosts,
         )
         self.routes[route] = ActiveRoute(ctx, listeners)
         log.info("%s: %s", route.name, _describe(route, listeners), extra={"route": route.name})
@@ -202,6 +215,8 @@ class Server:
             if shared.connections:  # let the resets reach the kernel and the pairs finish
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(shared.drained.wait(), timeout=1.0)
+        if self.health is not None:
+            await self.health.close()
         log.info("stopped")
 
     async def _second_signal(self) -> None:

@@ -94,6 +94,8 @@ def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
     where = f"{SOURCE} {flag}"
     try:
         if flag == "-b":
+            if not value.isdigit():
+                raise AddressError(f"{value!r} is not a whole number; expected -b BYTES")
             raw["buffer_size"] = Raw(value, where)
         elif flag == "-t":
             # Asked for explicitly: cut half-closed connections after this long, as socat does.

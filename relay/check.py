@@ -1,0 +1,130 @@
+"""`relay check`: show the configuration as understood, how each target resolved, and probe every
+target port, printing the likely cause and fix of each failure. Exit 0 when all answer, 1 if not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from relay.config import AUTO, Config
+from relay.upstream import Resolution, ResolveError, Resolver, classify, open_connection
+
+PROBE_TIMEOUT = 2.0
+SLIRP_GATEWAY = "10.0.2.2"
+
+CAUSES = {
+    "refused": "nothing accepts connections there: is the host service running, and listening on 0.0.0.0 "
+    "or the docker0 address rather than 127.0.0.1?",
+    "timeout": "no answer: a host firewall (ufw, firewalld) dropping traffic from containers, or a wrong "
+    "address; allow the Docker bridge (e.g. `ufw allow in on docker0`)",
+    "unresolved": 'the name does not resolve: add extra_hosts: ["host.docker.internal:host-gateway"] to the '
+    "*app* service (the sidecar shares its /etc/hosts), or set RELAY_TARGET",
+    "other": "the connection failed; see the error",
+}
+
+
+@dataclass(slots=True)
+class Probe:
+    route: str
+    target: str
+    status: str
+    millis: float | None
+    cause: str
+
+
+def _rootless_hint(resolutions: list[Resolution]) -> str | None:
+    """Rootless Docker (slirp4netns) reaches the host at 10.0.2.2, and only with host loopback allowed."""
+    slirp = any(SLIRP_GATEWAY in r.addresses for r in resolutions)
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as fh:
+            mapped = fh.read().split()
+        user_namespace = mapped[:3] != ["0", "0", "4294967295"]
+    except OSError:
+        user_namespace = False
+    if not (slirp or user_namespace):
+        return None
+    return (
+        "note: this looks like rootless Docker or Podman (a user namespace"
+        + (", gateway 10.0.2.2" if slirp else "")
+        + "). Host services bound to 127.0.0.1 are reachable only with slirp4netns allow_host_loopback=true "
+        "(via 10.0.2.2); otherwise bind them to the host's LAN address."
+    )
+
+
+async def _probe(
+    loop: asyncio.AbstractEventLoop, addresses: tuple[str, ...], port: int, timeout: float
+) -> float:
+    started = time.perf_counter()
+    async with asyncio.timeout(timeout):
+        transport = await open_connection(loop, asyncio.Protocol, addresses, port)
+    transport.close()
+    return (time.perf_counter() - started) * 1000
+
+
+async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
+    loop = asyncio.get_running_loop()
+    timeout = min(config.connect_timeout, PROBE_TIMEOUT)
+    print(f"config file: {config.config_file or '(none; environment and flags only)'}", file=out)
+    print("routes:", file=out)
+    for route in config.routes:
+        print(f"  {route.name:<14} {route.describe()}", file=out)
+
+    resolvers: dict[str, Resolver] = {}
+    resolutions: dict[str, Resolution | ResolveError] = {}
+    print("targets:", file=out)
+    for target in dict.fromkeys(r.target for r in config.routes):
+        resolver = resolvers[target] = Resolver(target, config.family)
+        try:
+            resolution: Resolution | ResolveError = await resolver.resolve()
+        except ResolveError as err:
+            resolution = err
+        resolutions[target] = resolution
+        label = f"{target} (auto)" if target == AUTO else target
+        if isinstance(resolution, ResolveError):
+            print(f"  {label}: {resolution}; {CAUSES['unresolved']}", file=out)
+        else:
+            print(f"  {label}: {resolution.note}", file=out)
+            if resolution.source == "gateway":
+                print(f"    hint: {CAUSES['unresolved']}", file=out)
+
+    probes: list[Probe] = []
+    for route in config.routes:
+        resolution = resolutions[route.target]
+        if isinstance(resolution, ResolveError):
+            probes.append(
+                Probe(
+                    route.name,
+                    f"{route.target}:{route.target_port}",
+                    "unresolved",
+                    None,
+                    CAUSES["unresolved"],
+                )
+            )
+            continue
+        shown = f"{resolution.addresses[0]}:{route.target_port}"
+        if ":" in resolution.addresses[0]:
+            shown = f"[{resolution.addresses[0]}]:{route.target_port}"
+        try:
+            millis = await _probe(loop, resolution.addresses, route.target_port, timeout)
+        except Exception as exc:
+            reason = classify(exc)
+            detail = CAUSES[reason] if reason != "other" else f"{type(exc).__name__}: {exc}"
+            probes.append(Probe(route.name, shown, reason, None, detail))
+        else:
+            probes.append(Probe(route.name, shown, "ok", millis, ""))
+
+    print(file=out)
+    print(f"{'ROUTE':<14} {'TARGET':<28} {'STATUS':<11} {'TIME':>8}  CAUSE / FIX", file=out)
+    for p in probes:
+        took = f"{p.millis:.1f}ms" if p.millis is not None else "-"
+        print(f"{p.route:<14} {p.target:<28} {p.status:<11} {took:>8}  {p.cause}".rstrip(), file=out)
+    hint = _rootless_hint([r for r in resolutions.values() if isinstance(r, Resolution)])
+    if hint:
+        print(f"\n{hint}", file=out)
+    failed = sum(p.status != "ok" for p in probes)
+    print(f"\n{len(probes) - failed} of {len(probes)} target(s) answer", file=out)
+    return 0 if failed == 0 else 1

@@ -1,0 +1,120 @@
+"""Prometheus collectors, read from the server's plain counters at scrape time.
+
+Nothing here runs per chunk or per connection: `RelayCollector.collect` walks the per-route stats and
+the live connections when Prometheus scrapes, so open connections' bytes are current to the last read.
+Labels are bounded: route names, reasons, directions and configured addresses, never a client address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from relay import __version__
+from relay.stats import CLOSE_REASONS, CONNECT_ERRORS, Histogram
+
+if TYPE_CHECKING:
+    from relay.server import Server
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RelayCollector(Collector):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        accepted = CounterMetricFamily("relay_connections_accepted", "Connections accepted", labels=["route"])
+        active = GaugeMetricFamily("relay_connections_active", "Connections open now", labels=["route"])
+        closed = CounterMetricFamily(
+            "relay_connections_closed", "Connections closed, by reason", labels=["route", "reason"]
+        )
+        errors = CounterMetricFamily(
+            "relay_connect_errors", "Failed connects to the target, by reason", labels=["route", "reason"]
+        )
+        bytes_total = CounterMetricFamily(
+            "relay_bytes", "Bytes relayed, by direction", labels=["route", "direction"]
+        )
+        connect = HistogramMetricFamily(
+            "relay_connect_duration_seconds", "Time to connect to the target", labels=["route"]
+        )
+        duration = HistogramMetricFamily(
+            "relay_connection_duration_seconds", "Lifetime of closed connections", labels=["route"]
+        )
+        live: dict[str, tuple[int, int]] = {}
+        for conn in server.connections:
+            name = conn.ctx.route.name
+            c2t, t2c = live.get(name, (0, 0))
+            live[name] = (c2t + conn.bytes_c2t, t2c + conn.bytes_t2c)
+        for name, stats in server.stats.items():
+            accepted.add_metric([name], stats.accepted)
+            active.add_metric([name], stats.active)
+            for reason in CLOSE_REASONS:
+                closed.add_metric([name, reason], stats.closed[reason])
+            for reason in CONNECT_ERRORS:
+                errors.add_metric([name, reason], stats.connect_errors[reason])
+            c2t, t2c = live.get(name, (0, 0))
+            bytes_total.add_metric([name, "client_to_target"], stats.bytes_c2t + c2t)
+            bytes_total.add_metric([name, "target_to_client"], stats.bytes_t2c + t2c)
+            connect.add_metric([name], *_buckets(stats.connect_seconds))
+            duration.add_metric([name], *_buckets(stats.duration_seconds))
+        yield from (accepted, active, closed, errors, bytes_total, connect, duration)
+        yield self._listeners()
+        yield self._targets()
+        build = InfoMetricFamily("relay_build", "relay-sidecar build", labels=[])
+        build.add_metric([], {"version": __version__})
+        yield build
+
+    def _listeners(self) -> Metric:
+        up = GaugeMetricFamily(
+            "relay_listener_up", "1 while the address is listening", labels=["route", "address"]
+        )
+        for route, active in self.server.routes.items():
+            bound = {lst.address.host: str(lst.address) for lst in active.listeners}
+            for want in route.listen:
+                up.add_metric([route.name, bound.get(want.host, str(want))], 1 if want.host in bound else 0)
+        return up
+
+    def _targets(self) -> Metric:
+        info = InfoMetricFamily("relay_target", "How each target resolved", labels=[])
+        for resolver in self.server.resolvers.values():
+            last = resolver.last
+            if last is not None:
+                info.add_metric(
+                    [],
+                    {"target": resolver.target, "address": ",".join(last.addresses), "source": last.source},
+                )
+        return info
+
+
+def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative (le, count) pairs ending with +Inf, and the sum."""
+    cumulative: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip((*hist.bounds, float("inf")), hist.counts, strict=True):
+        running += count
+        cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return cumulative, hist.total
+
+
+def registry_for(server: Server, extra: Iterable[Collector] = ()) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(RelayCollector(server))
+    for collector in extra:
+        registry.register(collector)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

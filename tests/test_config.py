@@ -1,0 +1,222 @@
+"""Config sources and their precedence, and the one-line errors that name source, value and form."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.address import HostPort
+from relay.config import Config, ConfigError, Raw, Route, load
+from relay.upstream import Resolver
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "relay.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults() -> None:
+    config = load({}, {"RELAY_PORTS": "5432"})
+    assert config.routes == (Route("tcp/5432", (HostPort("127.0.0.1", 5432), HostPort("::1", 5432)), "auto", 5432),)
+    assert (config.connect_timeout, config.max_connections, config.backlog) == (5.0, 4096, 1024)
+    assert (config.idle_timeout, config.half_close_timeout, config.connect_retry) == (None, None, None)
+    assert config.metrics == HostPort("0.0.0.0", 9464)
+    assert config.drain_timeout == 5.0
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "ports: '1000'\ntarget: from-file\nconnect_timeout: 1s\nidle_timeout: 1m\n")
+    env = {"RELAY_CONFIG": path, "RELAY_TARGET": "from-env", "RELAY_CONNECT_TIMEOUT": "2s"}
+    config = load({"connect_timeout": Raw("3s", "--connect-timeout")}, env)
+    assert config.routes[0].target == "from-env"
+    assert config.connect_timeout == 3.0
+    assert config.idle_timeout == 60.0
+    assert config.routes[0].listen[0].port == 1000
+
+
+def test_file_shape_from_the_issue(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+target: auto
+listen: ["127.0.0.1", "::1"]
+ports: "5432 8000-8001"
+connect_timeout: 5s
+routes:
+  - name: cache
+    listen: 127.0.0.1:6000
+    target: other.host:6379
+  - listen: [6001, "[::1]:6002"]
+    target: 10.0.0.5
+""",
+    )
+    config = load({}, {}, path)
+    names = [r.name for r in config.routes]
+    assert names == ["tcp/5432", "tcp/8000", "tcp/8001", "cache", "tcp/6001"]
+    cache = config.routes[3]
+    assert (cache.listen, cache.target, cache.target_port) == ((HostPort("127.0.0.1", 6000),), "other.host", 6379)
+    last = config.routes[4]
+    assert last.listen == (HostPort("127.0.0.1", 6001), HostPort("::1", 6001), HostPort("::1", 6002))
+    assert (last.target, last.target_port) == ("10.0.0.5", 6001)
+
+
+def test_docker_host_compat_variables() -> None:
+    config = load({}, {"PORTS": "80 443", "DOCKER_HOST": "gateway.lan"})
+    assert [r.target_port for r in config.routes] == [80, 443]
+    assert config.routes[0].target == "gateway.lan"
+    config = load({}, {"PORTS": "80", "RELAY_PORTS": "81", "DOCKER_HOST": "unix:///var/run/docker.sock"})
+    assert config.routes[0].target_port == 81
+    assert config.routes[0].target == "auto"
+    assert any("DOCKER_HOST" in w for w in config.warnings)
+
+
+def test_unknown_relay_variable_warns_with_suggestion_but_kubernetes_links_do_not() -> None:
+    config = load({}, {"RELAY_PORTS": "80", "RELAY_CONECT_TIMEOUT": "1s", "RELAY_SERVICE_HOST": "10.0.0.1",
+                       "RELAY_PORT": "tcp://10.0.0.1:9464"})
+    assert config.warnings == ("RELAY_CONECT_TIMEOUT: unknown setting, ignored (did you mean 'RELAY_CONNECT_TIMEOUT'?)",)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RELAY_PORTS": "80-70"}, "RELAY_PORTS: '80-70' is not a port range (low > high); expected P, LO-HI"),
+        ({"PORTS": "x"}, "PORTS: 'x' is not a port number"),
+        ({"RELAY_PORTS": "80", "RELAY_TARGET": "bad host"}, "RELAY_TARGET: 'bad host' is not a host name"),
+        ({"RELAY_PORTS": "80", "RELAY_LISTEN": "localhostt"}, "RELAY_LISTEN: 'localhostt' is not an IP address"),
+        ({"RELAY_PORTS": "80", "RELAY_CONNECT_TIMEOUT": "5x"}, "RELAY_CONNECT_TIMEOUT: '5x' is not a duration"),
+        ({"RELAY_PORTS": "80", "RELAY_CONNECT_TIMEOUT": "0"}, "RELAY_CONNECT_TIMEOUT: '0' must be more than zero"),
+        ({"RELAY_PORTS": "80", "RELAY_MAX_CONNECTIONS": "-1"}, "RELAY_MAX_CONNECTIONS: '-1' is not a whole number"),
+        ({"RELAY_PORTS": "80", "RELAY_KEEPALIVE": "maybe"}, "RELAY_KEEPALIVE: 'maybe' is not a yes/no value"),
+        ({"RELAY_PORTS": "80", "RELAY_METRICS": "nowhere"}, "RELAY_METRICS: 'nowhere' has no port"),
+        ({"RELAY_PORTS": "80", "RELAY_LOG_LEVEL": "loud"}, "RELAY_LOG_LEVEL: 'loud' is not one of debug, info"),
+        ({"RELAY_PORTS": "80", "RELAY_LOOP": "trio"}, "RELAY_LOOP: 'trio' is not one of auto, asyncio, uvloop"),
+        ({}, "no ports to forward: set RELAY_PORTS"),
+        ({"RELAY_PORTS": "80", "RELAY_LISTEN": "0.0.0.0,127.0.0.1"}, "RELAY_LISTEN: '0.0.0.0,127.0.0.1': 0.0.0.0 already covers 127.0.0.1"),
+    ],
+)
+def test_bad_env_values(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load({}, env)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_errors_name_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"^--ports: '99999' is not a port number"):
+        load({"ports": Raw("99999", "--ports")}, {"RELAY_PORTS": "80"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ports: '80'\nconect_timeout: 1s\n", ":2: conect_timeout: unknown key (did you mean 'connect_timeout'?)"),
+        ("ports: '80'\ntarget: [a\n", ":3: YAML syntax error"),
+        ("ports: [80, 70-60]\n", ":1: ports: '70-60' is not a port range"),
+        ("- 80\n", "the file must be a mapping"),
+        ("routes: {a: 1}\n", "routes: expected a list of routes"),
+        ("routes:\n  - listen: 6000\n", "routes[0]: missing 'target'"),
+        ("routes:\n  - listen: 6000\n    target: x:1\n    tagret: y\n", "unknown key 'tagret' (did you mean 'target'?)"),
+        ("routes:\n  - listen: nope:6000\n    target: x:1\n", "routes[0]: 'nope' is not an IP address"),
+        ("ports: '6000'\nroutes:\n  - listen: 127.0.0.1:6000\n    target: x:1\n", "routes[0]: listen port 6000 on 127.0.0.1:6000 is used twice"),
+    ],
+)
+def test_bad_yaml(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load({}, {}, path)
+    assert str(err.value).startswith(path)
+    assert message in str(err.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load({}, {"RELAY_CONFIG": str(tmp_path / "absent.yaml")})
+
+
+def test_example_config_documents_every_key() -> None:
+    """config/relay.example.yaml parses and mentions every setting the file accepts."""
+    from relay.config import FILE_KEYS
+
+    example = Path(__file__).parent.parent / "config" / "relay.example.yaml"
+    text = example.read_text()
+    for key in FILE_KEYS:
+        assert f"{key}:" in text, key
+    load({}, {}, str(example))
+
+
+# --- target resolution ------------------------------------------------------------------------------------
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def fails(name: str, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+def resolves(table: dict[str, str]) -> Any:
+    async def lookup(name: str, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
+        if name not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (table[name], 0))]
+
+    return lookup
+
+
+def test_auto_prefers_host_docker_internal() -> None:
+    resolver = Resolver("auto", lookup=resolves({"host.docker.internal": "172.17.0.1"}), gateway=lambda: "10.9.9.9")
+    result = run(resolver.resolve())
+    assert (result.addresses, result.source) == (("172.17.0.1",), "resolved")
+    assert result.describe() == "target: host.docker.internal -> 172.17.0.1 (resolved)"
+
+
+def test_auto_falls_back_to_podman_name_then_gateway() -> None:
+    podman = Resolver("auto", lookup=resolves({"host.containers.internal": "10.88.0.1"}), gateway=lambda: None)
+    assert run(podman.resolve()).note == (
+        "host.docker.internal does not resolve; using host.containers.internal -> 10.88.0.1 (resolved)"
+    )
+    gateway = Resolver("host.docker.internal", lookup=fails, gateway=lambda: "172.18.0.1")
+    result = run(gateway.resolve())
+    assert (result.addresses, result.source) == (("172.18.0.1",), "gateway")
+    assert result.describe() == "target: host.docker.internal does not resolve; using default gateway 172.18.0.1"
+
+
+def test_named_target_does_not_fall_back() -> None:
+    from relay.upstream import ResolveError
+
+    resolver = Resolver("db.internal", lookup=fails, gateway=lambda: "172.18.0.1")
+    with pytest.raises(ResolveError, match="db.internal does not resolve"):
+        run(resolver.resolve())
+
+
+def test_resolution_is_cached_briefly() -> None:
+    calls: list[str] = []
+    table = {"host.docker.internal": "172.17.0.1"}
+    inner = resolves(table)
+
+    async def counting(name: str, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
+        calls.append(name)
+        return await inner(name)
+
+    async def scenario() -> None:
+        resolver = Resolver("auto", lookup=counting, ttl=0.2)
+        await resolver.resolve()
+        await resolver.resolve()
+        assert calls == ["host.docker.internal"]
+        table["host.docker.internal"] = "172.17.0.9"
+        await asyncio.sleep(0.25)  # past the cache lifetime under test
+        assert (await resolver.resolve()).addresses == ("172.17.0.9",)
+
+    run(scenario())
+
+
+def test_config_is_frozen() -> None:
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.target = "x"  # type: ignore[misc]

@@ -1,0 +1,229 @@
+"""Table tests for the pure parsers: ports, host:port, durations, gateways, backoff, socat argv."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.address import AddressError, HostPort, PortMap, parse_duration, parse_hostport, parse_ports
+from relay.config import ConfigError
+from relay.socat import looks_like_socat
+from relay.socat import parse as parse_socat
+from relay.upstream import backoff_delays, chain_for, parse_default_gateway
+
+
+def maps(*pairs: tuple[int, int]) -> tuple[PortMap, ...]:
+    return tuple(PortMap(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5432", maps((5432, 5432))),
+        ("8000-8002", maps((8000, 8000), (8001, 8001), (8002, 8002))),
+        ("80:8080", maps((80, 8080))),
+        ("8000-8002:9000-9002", maps((8000, 9000), (8001, 9001), (8002, 9002))),
+        ("8000-8002:9000", maps((8000, 9000), (8001, 9000), (8002, 9000))),
+        ("5432/tcp", maps((5432, 5432))),
+        ("5432/TCP 6379", maps((5432, 5432), (6379, 6379))),
+        ("1,2 ,3\n4\t5", maps((1, 1), (2, 2), (3, 3), (4, 4), (5, 5))),
+        ("  65535  ", maps((65535, 65535))),
+        ("7-7", maps((7, 7))),
+        ("7:9-9", maps((7, 9))),
+    ],
+)
+def test_port_list_forms(text: str, expected: tuple[PortMap, ...]) -> None:
+    assert parse_ports(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("80-70", "'80-70' is not a port range (low > high)"),
+        ("0", "'0' is not a port number (1-65535)"),
+        ("65536", "'65536' is not a port number (1-65535)"),
+        ("http", "'http' is not a port number"),
+        ("80/udp", "'80/udp' has protocol 'udp'; only /tcp is supported"),
+        ("8000-8002:9000-9001", "maps 3 listen ports to 2 target ports (ranges of unequal width)"),
+        ("80:9000-9001", "maps 1 listen ports to 2 target ports"),
+        ("80 81 80", "listen port 80 appears twice ('80' and '80')"),
+        ("8000-8005 8003", "listen port 8003 appears twice ('8000-8005' and '8003')"),
+        ("", "lists no ports"),
+        (" , ", "lists no ports"),
+        ("80:", "'80:': '' is not a port number"),
+        ("-80", "'-80': '' is not a port number"),
+    ],
+)
+def test_bad_port_lists_quote_the_value_and_the_form(text: str, message: str) -> None:
+    with pytest.raises(AddressError) as err:
+        parse_ports(text)
+    assert message in str(err.value)
+    if "twice" not in message:
+        assert "expected P, LO-HI, L:T" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("db:5432", HostPort("db", 5432)),
+        ("10.0.0.1:80", HostPort("10.0.0.1", 80)),
+        ("[::1]:80", HostPort("::1", 80)),
+        ("host.docker.internal:6379", HostPort("host.docker.internal", 6379)),
+    ],
+)
+def test_host_port(text: str, expected: HostPort) -> None:
+    assert parse_hostport(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("db", "has no port"),
+        ("::1:80", "an IPv6 address needs brackets"),
+        ("[::1]80", "is not a valid [IPv6]:PORT"),
+        ("[nope]:80", "is not a valid [IPv6]:PORT"),
+        ("db:0", "is not a port number"),
+        ("bad host:80", "is not a host name or IP address"),
+    ],
+)
+def test_bad_host_port(text: str, message: str) -> None:
+    with pytest.raises(AddressError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_hostport(text)
+
+
+def test_host_port_defaults() -> None:
+    assert parse_hostport("db", default_port=5432) == HostPort("db", 5432)
+    assert str(HostPort("::1", 80)) == "[::1]:80"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("5s", 5.0), ("1m", 60.0), ("1h", 3600.0), ("1.5", 1.5), ("0", 0.0), (" 2S ", 2.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5x", "-1s", "s", "", "1e3", "five"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(AddressError, match="expected a duration like 250ms, 5s"):
+        parse_duration(text)
+
+
+ROUTE_TABLE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
+eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0
+"""
+
+
+@pytest.mark.parametrize(
+    ("table", "gateway"),
+    [
+        (ROUTE_TABLE, "172.18.0.1"),
+        ("Iface\tDestination\tGateway\neth0\t000012AC\t00000000\n", None),
+        ("", None),
+        ("Iface\tDestination\tGateway\nveth\t00000000\t0102A8C0\n", "192.168.2.1"),
+    ],
+)
+def test_default_gateway_from_proc_net_route(table: str, gateway: str | None) -> None:
+    assert parse_default_gateway(table) == gateway
+
+
+@pytest.mark.parametrize(
+    ("target", "chain"),
+    [
+        ("auto", ("host.docker.internal", "host.containers.internal", "")),
+        ("host.docker.internal", ("host.docker.internal", "host.containers.internal", "")),
+        ("host.containers.internal", ("host.containers.internal", "")),
+        ("db.internal", ("db.internal",)),
+        ("10.1.2.3", ("10.1.2.3",)),
+    ],
+)
+def test_target_chain(target: str, chain: tuple[str, ...]) -> None:
+    assert chain_for(target) == chain
+
+
+@pytest.mark.parametrize(
+    ("budget", "delays"),
+    [
+        (0.0, []),
+        (0.35, [0.1, 0.2]),
+        (5.0, [0.1, 0.2, 0.4, 0.8, 1.6]),
+        (10.0, [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]),
+    ],
+)
+def test_backoff_schedule(budget: float, delays: list[float]) -> None:
+    got = list(backoff_delays(budget))
+    assert got == pytest.approx(delays)
+    assert sum(got) <= budget
+
+
+# --- socat argv ---------------------------------------------------------------------------------------
+
+SEED = ["-d", "tcp-listen:8000,fork,reuseaddr", "tcp-connect:host.docker.internal:8000"]
+
+
+def test_seed_recipe_argv() -> None:
+    parsed = parse_socat(SEED)
+    values = {k: v.value for k, v in parsed.raw.items()}
+    assert values == {"ports": "8000:8000", "listen": ["0.0.0.0", "::1"], "target": "host.docker.internal"}
+    assert parsed.debug_level == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["TCP-LISTEN:80", "TCP:db:5432"], {"ports": "80:5432", "target": "db", "listen": ["0.0.0.0", "::1"]}),
+        (["tcp-l:80,bind=127.0.0.1", "tcp:db:5432"], {"listen": ["127.0.0.1"]}),
+        (["TCP4-LISTEN:80", "TCP4:db:5432"], {"listen": ["0.0.0.0"], "family": "ipv4"}),
+        (["TCP6-LISTEN:80", "TCP6:[::1]:5432"], {"listen": ["::"], "family": "ipv6", "target": "::1"}),
+        (["tcp-listen:80,backlog=4096,max-children=10", "tcp:db:1"], {"backlog": "4096", "max_connections": "10"}),
+        (["tcp-listen:80,reuseport", "tcp:db:1,connect-timeout=2"], {"reuseport": "true", "connect_timeout": "2"}),
+        (["tcp-listen:80,keepalive,nodelay", "tcp:db:1"], {"keepalive": "true"}),
+        (["tcp-listen:80", "tcp:db:1,retry=5,interval=2"], {"connect_retry": "10.0"}),
+        (["-b", "16384", "-t", "3", "-T", "60", "tcp-listen:80", "tcp:db:1"],
+         {"buffer_size": "16384", "half_close_timeout": "3.0", "idle_timeout": "60.0"}),
+        (["-4", "tcp-listen:80", "tcp:db:1"], {"family": "ipv4"}),
+    ],
+)
+def test_socat_forms(argv: list[str], expected: dict[str, object]) -> None:
+    values = {k: v.value for k, v in parse_socat(argv).raw.items()}
+    for key, value in expected.items():
+        assert values[key] == value, key
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["udp-listen:80", "tcp:db:1"], "'UDP-LISTEN' is not a supported listen address"),
+        (["tcp-listen:80", "udp:db:1"], "'UDP' is not a supported connect address"),
+        (["tcp-listen:80,su=nobody", "tcp:db:1"], "option 'su=nobody': 'su' is not supported"),
+        (["tcp-listen:80", "tcp:db:1,sourceport=9"], "'sourceport' is not supported"),
+        (["tcp-listen:80"], "expected exactly two addresses"),
+        (["tcp-listen:http", "tcp:db:1"], "'http' is not a port number"),
+        (["tcp-listen:80", "tcp:db"], "expected HOST:PORT after TCP"),
+        (["-b", "tcp-listen:80", "tcp:db:1"], "'tcp-listen:80' is not a whole number"),
+        (["-u", "tcp-listen:80", "tcp:db:1"], "'-u': not supported"),
+        (["tcp-listen:80,bind=nope", "tcp:db:1"], "'nope' is not an IP address"),
+    ],
+)
+def test_bad_socat_argv_names_the_culprit(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from relay.config import load
+
+        load(parse_socat(argv).raw, {})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "socat"),
+    [
+        (SEED, True),
+        (["--ports", "8000:9000", "--target", "db"], False),
+        (["--metrics", "0.0.0.0:9464", "--listen", "::1"], False),
+        (["check"], False),
+        (["TCP-L:80", "TCP:x:1"], True),
+    ],
+)
+def test_socat_detection(argv: list[str], socat: bool) -> None:
+    assert looks_like_socat(argv) is socat
