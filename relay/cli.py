@@ -27,12 +27,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="relay",
+        usage="relay [run|check|healthcheck] [options]  |  relay [-d] TCP-LISTEN:PORT[,opts] TCP:HOST:PORT",
+        allow_abbrev=False,
         description="Forward localhost ports to the Docker host. Also accepts socat's arguments: "
         "relay -d tcp-listen:8000,fork,reuseaddr tcp-connect:host.docker.internal:8000",
         epilog="Every option has an environment variable RELAY_<NAME> (e.g. RELAY_PORTS); command line wins "
         "over environment, which wins over the config file. Commands: run (default), check, healthcheck.",
     )
-    parser.add_argument("command", nargs="?", choices=COMMANDS, default="run", help=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="PATH", help="YAML config file (env RELAY_CONFIG)")
     for opt in OPTIONS:
         parser.add_argument(opt.flag, dest=opt.key, metavar=opt.metavar, help=f"{opt.help} (env {opt.env})")
@@ -52,6 +53,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config,
         command, config_path = "run", None
         notes = parsed.notes
     else:
+        command = args.pop(0) if args and args[0] in COMMANDS else "run"
         ns = build_parser().parse_args(args)
         cli = {
             opt.key: Raw(getattr(ns, opt.key), opt.flag)
@@ -60,7 +62,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config,
         }
         if ns.debug:
             cli["log_level"] = Raw("debug", "-d")
-        command, config_path, notes = ns.command, ns.config, ()
+        config_path, notes = ns.config, ()
 
     def reload() -> Config:
         return load(cli, environ, config_path)

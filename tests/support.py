@@ -113,3 +113,101 @@ def free_port_block(count: int, after: int = 0) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no block of free ports found")
+
+
+class RelayProcess:
+    """`python -m relay ARGS` as a child process; stderr lines are collected by a thread.
+
+    Use as a context manager: the process is killed and reaped on exit, whatever happened.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, **popen: Any) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "PORTS"}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            **popen,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> str:
+        """The first stderr line containing `text`; fails if the process ends or time runs out first."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no stderr line with {text!r}; got: {self.lines}")
+                self._changed.wait(min(left, 0.5))
+
+    def stop(self, sig: int | None = None, timeout: float = 10.0) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def __enter__(self) -> RelayProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def connect_when_ready(host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """Connect, retrying while refused (the process is still starting), for at most `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send everything, half-close, read until EOF."""
+    with sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)

@@ -172,16 +172,27 @@ def test_seed_recipe_argv() -> None:
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["TCP-LISTEN:80", "TCP:db:5432"], {"ports": "80:5432", "target": "db", "listen": ["0.0.0.0", "::1"]}),
+        (
+            ["TCP-LISTEN:80", "TCP:db:5432"],
+            {"ports": "80:5432", "target": "db", "listen": ["0.0.0.0", "::1"]},
+        ),
         (["tcp-l:80,bind=127.0.0.1", "tcp:db:5432"], {"listen": ["127.0.0.1"]}),
         (["TCP4-LISTEN:80", "TCP4:db:5432"], {"listen": ["0.0.0.0"], "family": "ipv4"}),
         (["TCP6-LISTEN:80", "TCP6:[::1]:5432"], {"listen": ["::"], "family": "ipv6", "target": "::1"}),
-        (["tcp-listen:80,backlog=4096,max-children=10", "tcp:db:1"], {"backlog": "4096", "max_connections": "10"}),
-        (["tcp-listen:80,reuseport", "tcp:db:1,connect-timeout=2"], {"reuseport": "true", "connect_timeout": "2"}),
+        (
+            ["tcp-listen:80,backlog=4096,max-children=10", "tcp:db:1"],
+            {"backlog": "4096", "max_connections": "10"},
+        ),
+        (
+            ["tcp-listen:80,reuseport", "tcp:db:1,connect-timeout=2"],
+            {"reuseport": "true", "connect_timeout": "2"},
+        ),
         (["tcp-listen:80,keepalive,nodelay", "tcp:db:1"], {"keepalive": "true"}),
         (["tcp-listen:80", "tcp:db:1,retry=5,interval=2"], {"connect_retry": "10.0"}),
-        (["-b", "16384", "-t", "3", "-T", "60", "tcp-listen:80", "tcp:db:1"],
-         {"buffer_size": "16384", "half_close_timeout": "3.0", "idle_timeout": "60.0"}),
+        (
+            ["-b", "16384", "-t", "3", "-T", "60", "tcp-listen:80", "tcp:db:1"],
+            {"buffer_size": "16384", "half_close_timeout": "3.0", "idle_timeout": "60.0"},
+        ),
         (["-4", "tcp-listen:80", "tcp:db:1"], {"family": "ipv4"}),
     ],
 )

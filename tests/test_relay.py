@@ -9,7 +9,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -152,7 +152,8 @@ def test_slow_reader_keeps_relay_buffers_bounded(run: Run) -> None:
     async def scenario() -> None:
         async with tcp_server(flood) as target, relay(target) as server:
             reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server), limit=2**16)
-            writer.transport.pause_reading()  # the slow reader: reads nothing for now
+            transport = cast(asyncio.Transport, writer.transport)
+            transport.pause_reading()  # the slow reader: reads nothing for now
             peak = 0
             last, stalled_since = -1, asyncio.get_running_loop().time()
             async with asyncio.timeout(15):
@@ -163,7 +164,7 @@ def test_slow_reader_keeps_relay_buffers_bounded(run: Run) -> None:
                         last, stalled_since = sent, asyncio.get_running_loop().time()
             assert sent < size, "the server was never slowed down"
             assert peak <= 1024 * 1024
-            writer.transport.resume_reading()
+            transport.resume_reading()
             data = await read_all(reader)
             assert len(data) == size
             assert data == block * (size // len(block))
