@@ -57,6 +57,7 @@ class Server:
         self.resolvers: dict[tuple[str, str], Resolver] = {}
         self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
         self.health: HealthServer | None = None
+        self.health_address: HostPort | None = None  # as bound (the real port when 0 was asked for)
         self.draining = False
         self.ready = asyncio.Event()
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
@@ -99,12 +100,12 @@ class Server:
     async def _start_health(self, address: HostPort) -> None:
         self.health = HealthServer(self)
         try:
-            bound = await self.health.start(address)
+            self.health_address = await self.health.start(address)
         except OSError as err:
             raise ListenError(
                 f"cannot listen on {address} for metrics and health: {bind_error(err)}"
             ) from None
-        log.info("metrics and health: http://%s/metrics, /healthz, /readyz", bound)
+        log.info("metrics and health: http://%s/metrics, /healthz, /readyz", self.health_address)
 
     async def _open(self, route: Route) -> None:
         ctx = RouteContext(
@@ -174,13 +175,7 @@ class Server:
                 if sig == signal.SIGHUP:
                     await self.reload()
                     continue
-                log.info(
-                    "%s: draining %d connection(s), up to %gs",
-                    sig.name,
-                    len(self.connections),
-                    self.config.drain_timeout,
-                )
-                await self.drain()
+                await self.drain(sig.name)
                 return
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -190,10 +185,16 @@ class Server:
         """Ask `serve` to drain and return, as SIGTERM does."""
         self._signals.put_nowait(signal.SIGTERM)
 
-    async def drain(self) -> None:
+    async def drain(self, why: str = "stop") -> None:
         self.draining = True
         self.ready.clear()
         self._close_listeners(list(self.routes))
+        log.info(
+            "%s: stopped listening; draining %d connection(s), up to %gs",
+            why,
+            len(self.connections),
+            self.config.drain_timeout,
+        )
         shared = self.shared
         shared.drained = asyncio.Event()
         if shared.connections:

@@ -131,8 +131,8 @@ class Resolver:
             if not name:
                 gateway = self._gateway()
                 if gateway is None:
-                    failed.append("no default gateway in /proc/net/route")
-                    break
+                    names = " nor ".join(failed)
+                    raise ResolveError(f"{names} does not resolve and {ROUTE_FILE} has no default gateway")
                 why = (
                     f"{failed[0]} does not resolve; using default gateway {gateway}"
                     if failed
@@ -153,7 +153,7 @@ class Resolver:
             if failed:
                 note = f"{failed[0]} does not resolve; using {note}"
             return Resolution(name, addresses, source, note)
-        raise ResolveError(f"{' , '.join(failed) if failed else self.target} does not resolve")
+        raise ResolveError(f"{self.target} does not resolve")
 
 
 def backoff_delays(

@@ -23,7 +23,8 @@ async def relay(
     """A relay with one route from `listen` (port 0) to target:target_port; drained on exit."""
     route = Route("test", tuple(HostPort(host, 0) for host in listen), target, target_port)
     settings.setdefault("drain_timeout", 1.0)
-    server = Server(Config(routes=(route,), metrics=None, **settings))
+    settings.setdefault("metrics", None)
+    server = Server(Config(routes=(route,), **settings))
     await server.start()
     try:
         yield server
@@ -94,24 +95,36 @@ def has_ipv6_loopback() -> bool:
 
 
 def free_port_block(count: int, after: int = 0) -> int:
-    """The first of `count` consecutive ports above `after`, free on 127.0.0.1 and ::1 right now."""
-    start = max(after + 1, 20000 + (os.getpid() % 200) * 150)
-    for base in range(start, 60000, 997):
+    """The first of `count` consecutive ports above `after`, free on 127.0.0.1 and ::1 right now.
+
+    Searched below the kernel's ephemeral range, so busy outgoing connections elsewhere on the machine
+    cannot take the ports between this check and the test's bind.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            ephemeral = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = max(after + 1, 10000), ephemeral - count
+    span = max(high - low, 1)
+    offset = (os.getpid() * 101) % span
+    for step in range(0, span, 7):
+        base = low + (offset + step) % span
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + count):
                 for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                     if fam == socket.AF_INET6 and not has_ipv6_loopback():
                         continue
-                    s = socket.socket(fam, socket.SOCK_STREAM)
-                    socks.append(s)
-                    s.bind((host, port))
+                    sock = socket.socket(fam, socket.SOCK_STREAM)
+                    socks.append(sock)
+                    sock.bind((host, port))
             return base
         except OSError:
             continue
         finally:
-            for s in socks:
-                s.close()
+            for sock in socks:
+                sock.close()
     raise RuntimeError("no block of free ports found")
 
 
