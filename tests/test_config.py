@@ -278,3 +278,12 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.target = "x"  # type: ignore[misc]
+
+
+def test_readme_documents_every_env_var_and_flag() -> None:
+    from relay.config import OPTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for opt in OPTIONS:
+        assert f"`{opt.env}`" in readme, opt.env
+        assert f"`{opt.flag}`" in readme, opt.flag
