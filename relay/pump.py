@@ -119,7 +119,11 @@ class Side(asyncio.BufferedProtocol):
 
 
 def set_socket_options(transport: asyncio.BaseTransport, *, keepalive: bool) -> None:
-    """TCP_NODELAY always (request/response latency), SO_KEEPALIVE when asked."""
+    """TCP_NODELAY always (request/response latency), SO_KEEPALIVE when asked.
+
+    uvloop sets TCP_NODELAY itself, but asyncio only on sockets whose proto is IPPROTO_TCP, which
+    accepted sockets are not (proto 0), so it is set here; tests/test_relay.py checks both sockets.
+    """
     sock = transport.get_extra_info("socket")
     if sock is None:
         return

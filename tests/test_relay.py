@@ -375,3 +375,22 @@ def test_every_port_syntax_form_end_to_end(run: Run) -> None:
             await servers.aclose()
 
     run(scenario())
+
+
+def test_both_sockets_have_nodelay_and_keepalive_when_asked(run: Run) -> None:
+    """Steps: with keepalive on, a relayed pair's two sockets both have TCP_NODELAY and SO_KEEPALIVE."""
+
+    async def scenario() -> None:
+        async with tcp_server(echo) as target, relay(target, keepalive=True) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+            writer.write(b"x")
+            await reader.readexactly(1)
+            (conn,) = server.connections
+            for side in (conn.client, conn.target):
+                assert side.transport is not None
+                sock = side.transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            writer.close()
+
+    run(scenario())
