@@ -65,7 +65,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config,
         config_path, notes = ns.config, ()
 
     def reload() -> Config:
-        return load(cli, environ, config_path)
+        return load(cli, environ, config_path, need_routes=command != "healthcheck")
 
     config = reload()
     if notes:

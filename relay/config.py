@@ -325,9 +325,17 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 
 def build(
-    raw: Mapping[str, Raw], *, config_file: str | None = None, warnings: tuple[str, ...] = ()
+    raw: Mapping[str, Raw],
+    *,
+    config_file: str | None = None,
+    warnings: tuple[str, ...] = (),
+    need_routes: bool = True,
 ) -> Config:
-    """Convert merged raw values into a Config, or raise ConfigError naming the source."""
+    """Convert merged raw values into a Config, or raise ConfigError naming the source.
+
+    `need_routes=False` is for `relay healthcheck`, which only needs the health address: in a socat-style
+    container the routes live in the relay's argv, which Docker's HEALTHCHECK command does not repeat.
+    """
     values: dict[str, Any] = {}
     for key, item in raw.items():
         if key == "routes":
@@ -349,7 +357,7 @@ def build(
         explicit = _routes(raw["routes"], base)
         routes.extend(explicit)
         sources.extend(f"{raw['routes'].source}[{i}]" for i in range(len(explicit)))
-    if not routes:
+    if not routes and need_routes:
         raise ConfigError(
             "no ports to forward: set RELAY_PORTS (e.g. RELAY_PORTS=5432), --ports, 'ports:' in the "
             "config file, or give socat-style arguments (tcp-listen:8000 tcp:host.docker.internal:8000)"
@@ -424,7 +432,11 @@ def _check_unique(routes: list[Route], sources: list[str]) -> None:
 
 
 def load(
-    cli: Mapping[str, Raw], environ: Mapping[str, str] | None = None, config_path: str | None = None
+    cli: Mapping[str, Raw],
+    environ: Mapping[str, str] | None = None,
+    config_path: str | None = None,
+    *,
+    need_routes: bool = True,
 ) -> Config:
     """defaults < file < env < CLI. `config_path` is --config; RELAY_CONFIG is its env form."""
     environ = os.environ if environ is None else environ
@@ -435,4 +447,4 @@ def load(
         merged.update(from_file(path))
     merged.update(env_raw)
     merged.update(cli)
-    return build(merged, config_file=path, warnings=tuple(warnings))
+    return build(merged, config_file=path, warnings=tuple(warnings), need_routes=need_routes)

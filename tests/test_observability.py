@@ -159,3 +159,28 @@ def _config(target: int) -> Any:
 
     route = Route("test", (HostPort("127.0.0.1", 0),), "127.0.0.1", target)
     return Config(routes=(route,), metrics=HostPort("127.0.0.1", 0), drain_timeout=1.0)
+
+
+def test_healthcheck_command_needs_only_the_health_address() -> None:
+    """Steps: a socat-style relay (routes only in its argv) serves health on a port; `relay healthcheck`
+    run with just RELAY_METRICS, as Docker's HEALTHCHECK runs it, exits 0; against a closed port, 1."""
+    from tests.support import RelayProcess, free_port_block
+    from tests.test_cli import echo_server, run_relay
+
+    listen = free_port_block(2)
+    health = listen + 1
+    with (
+        echo_server() as target,
+        RelayProcess(
+            [f"tcp-listen:{listen},bind=127.0.0.1", f"tcp:127.0.0.1:{target}"],
+            env={"RELAY_METRICS": f"127.0.0.1:{health}"},
+        ) as relay,
+    ):
+        relay.wait_for("ready")
+        ok = run_relay(["healthcheck"], {"RELAY_METRICS": f"127.0.0.1:{health}"})
+        assert ok.returncode == 0, ok.stderr
+        assert '"status": "ready"' in ok.stdout
+        assert relay.stop() == 0
+    down = run_relay(["healthcheck"], {"RELAY_METRICS": f"127.0.0.1:{health}"})
+    assert down.returncode == 1
+    assert f"127.0.0.1:{health}" in down.stderr

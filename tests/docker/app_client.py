@@ -1,0 +1,104 @@
+"""The app side of the Docker engine test: runs inside the app container (`python3 - CHECK...`).
+
+Each CHECK is `FAMILY:LISTEN:TARGET`, e.g. `6:5432:5433`: connect to localhost:LISTEN over 127.0.0.1
+(FAMILY 4) or ::1 (FAMILY 6) and expect host_services.py's port TARGET behind it. Two scenarios per check,
+all run at once:
+
+- echo: send `E` and 256 KiB of random bytes while reading the echo, shut the write side, read to EOF;
+  the bytes must come back intact and in order.
+- half-close: send `H` and 64 KiB of random bytes, shut the write side, read to EOF; the server answers a
+  second after the FIN with `TARGET SHA256 LENGTH`, which must arrive and match what was sent.
+
+Prints `ok NAME` or `FAIL NAME: why` per scenario; exits 0 when all passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+import threading
+
+TIMEOUT = 15.0
+LOOPBACK = {"4": "127.0.0.1", "6": "::1"}
+
+
+def connect(family: str, port: int) -> socket.socket:
+    sock = socket.create_connection((LOOPBACK[family], port), timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def echo(family: str, listen: int, target: int) -> str | None:
+    payload = os.urandom(256 * 1024)
+    with connect(family, listen) as sock:
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(b"E" + payload)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        received = read_to_eof(sock)
+        sender.join(TIMEOUT)
+    if errors:
+        return f"send failed: {errors[0]}"
+    if received != payload:
+        return f"echo differs: sent {len(payload)} bytes, got {len(received)}"
+    return None
+
+
+def half_close(family: str, listen: int, target: int) -> str | None:
+    payload = os.urandom(64 * 1024)
+    with connect(family, listen) as sock:
+        sock.sendall(b"H" + payload)
+        sock.shutdown(socket.SHUT_WR)
+        reply = read_to_eof(sock).decode()
+    expected = f"{target} {hashlib.sha256(payload).hexdigest()} {len(payload)}\n"
+    if reply != expected:
+        return f"reply after half-close {reply!r}, expected {expected!r}"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    results: dict[str, str | None] = {}
+
+    def run(name: str, family: str, listen: int, target: int) -> None:
+        scenario = echo if name.startswith("echo") else half_close
+        try:
+            results[name] = scenario(family, listen, target)
+        except OSError as exc:
+            results[name] = f"{type(exc).__name__}: {exc}"
+
+    threads = []
+    for check in argv:
+        family, listen, target = check.split(":")
+        for scenario in ("echo", "half-close"):
+            name = f"{scenario} {LOOPBACK[family]}:{listen}->{target}"
+            results[name] = "did not finish"
+            threads.append(
+                threading.Thread(target=run, args=(name, family, int(listen), int(target)), daemon=True)
+            )
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 2)
+    for name, error in results.items():
+        print(f"ok {name}" if error is None else f"FAIL {name}: {error}", flush=True)
+    return 0 if argv and all(error is None for error in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,399 @@
+"""The sidecar topology without Docker: the relay in an "app" network namespace, the service on a "host"
+namespace across a veth pair.
+
+Each test builds two namespaces joined by a veth pair (app 10.200.0.2, host 10.200.0.1), each with its own
+loopback. The host service listens on the host's veth address, not on 127.0.0.1, as it must for a real
+engine. `/etc/netns/<app>/hosts` (mounted over /etc/hosts by `ip netns exec`, like Docker's extra_hosts)
+maps host.docker.internal to 10.200.0.1, or leaves it out; `/etc/netns/<app>/resolv.conf` names only the
+app's own loopback, so a name missing from the hosts file fails at once and no query leaves the
+namespaces. The relay runs with `ip netns exec <app> python -m relay`; the clients run in the app
+namespace and connect to localhost. Only addresses inside these namespaces are used.
+
+Needs root on Linux and `ip netns`; skipped elsewhere. Namespaces are named relay-test-<pid>-<n>-app/-host
+and removed with their processes and /etc/netns folders after each test, even when it fails; a run also
+removes the ones an aborted earlier run left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST_SERVICES = ROOT / "tests" / "docker" / "host_services.py"
+APP_CLIENT = ROOT / "tests" / "docker" / "app_client.py"
+HOST_IP, APP_IP, PREFIX_LEN = "10.200.0.1", "10.200.0.2", 24
+NAME_PREFIX = "relay-test-"
+STALE_NAME = re.compile(rf"^{NAME_PREFIX}(\d+)-\d+-(app|host)$")
+SEED_ARGV = ["-d", "tcp-listen:8000,fork,reuseaddr", "tcp-connect:host.docker.internal:8000"]
+# Environment variables that would change the relay's configuration behind the test's back.
+FOREIGN_ENV = re.compile(r"^(RELAY_.*|PORTS|DOCKER_HOST)$")
+
+
+def _netns_unavailable() -> str | None:
+    if sys.platform != "linux":
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    if probe.returncode != 0:
+        return f"`ip netns` is unavailable: {probe.stderr.strip()}"
+    return None
+
+
+_UNAVAILABLE = _netns_unavailable()
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or ""),
+]
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
+
+
+class Process:
+    """A process in a namespace whose output (stdout and stderr) is collected line by line."""
+
+    def __init__(self, namespace: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.popen = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def mark(self) -> int:
+        """How many lines so far: pass it as wait_for's `since` to look only at later lines."""
+        with self._changed:
+            return len(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 10.0, since: int = 0) -> None:
+        """Wait until a line (from line `since` on) contains `text`; fail if the process exits or the
+        time runs out first."""
+
+        def seen() -> bool:
+            return any(text in line for line in self.lines[since:])
+
+        with self._changed:
+            self._changed.wait_for(lambda: seen() or not self._reader.is_alive(), timeout)
+            if not seen():
+                state = "exited" if self.popen.poll() is not None else "still running"
+                pytest.fail(f"{self.argv[:4]} ({state}) never printed {text!r}; output:\n{self.output()}")
+
+    def stop(self, timeout: float = 5.0) -> tuple[int, float]:
+        """SIGTERM; return the exit code and how long it took to exit."""
+        start = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout)
+            pytest.fail(f"{self.argv[:4]} ignored SIGTERM for {timeout} s; output:\n{self.output()}")
+        self._reader.join(timeout)
+        return code, time.monotonic() - start
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+        self._reader.join(10)
+
+
+@dataclass
+class Topology:
+    """An app namespace and a host namespace joined by a veth pair, and the processes started in them."""
+
+    app: str
+    host: str
+    processes: list[Process] = field(default_factory=list)
+
+    def relay(self, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        """Start `python -m relay ARGV` in the app namespace with ENV; return once it logged `ready`."""
+        environ = {k: v for k, v in os.environ.items() if not FOREIGN_ENV.match(k)}
+        environ.update(env or {})
+        process = self._start(self.app, [sys.executable, "-m", "relay", *argv], environ)
+        process.wait_for("ready")
+        return process
+
+    def host_services(self, address: str, *ports: int) -> Process:
+        """Start tests/docker/host_services.py in the host namespace; return once it listens."""
+        process = self._start(self.host, [sys.executable, str(HOST_SERVICES), address, *map(str, ports)])
+        process.wait_for("ready")
+        return process
+
+    def app_client(self, *checks: str) -> subprocess.CompletedProcess[str]:
+        """Run tests/docker/app_client.py in the app namespace (echo and half-close per check)."""
+        return self.run_in_app([str(APP_CLIENT), *checks])
+
+    def run_in_app(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.app, sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+
+    def _start(self, namespace: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        process = Process(namespace, argv, env)
+        self.processes.append(process)
+        return process
+
+
+def _pid_alive(pid: int) -> bool:
+    """A process that has not exited (a zombie, which has, may still hold its pid)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return not re.search(r"^State:\s*Z", status, re.M)
+
+
+def _remove_namespace(name: str) -> None:
+    """Kill what still runs in the namespace (by pid), delete it and its /etc/netns folder."""
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10)
+    for pid in pids.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=10)
+    shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+
+
+def _remove_stale_namespaces() -> None:
+    """Namespaces this test made in a run that no longer exists (an aborted one)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = STALE_NAME.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            _remove_namespace(name)
+
+
+_counter = 0
+
+
+@pytest.fixture
+def topology() -> Iterator[Callable[..., Topology]]:
+    """make(hosts_entry=True, default_route=False) -> Topology; everything is removed after the test."""
+    _remove_stale_namespaces()
+    made: list[Topology] = []
+
+    def make(*, hosts_entry: bool = True, default_route: bool = False) -> Topology:
+        global _counter
+        _counter += 1
+        base = f"{NAME_PREFIX}{os.getpid()}-{_counter}"
+        topo = Topology(app=f"{base}-app", host=f"{base}-host")
+        made.append(topo)
+        ip("netns", "add", topo.app)
+        ip("netns", "add", topo.host)
+        veth_app, veth_host = f"rt{_counter}a", f"rt{_counter}h"
+        ip(
+            "link",
+            "add",
+            veth_app,
+            "netns",
+            topo.app,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            veth_host,
+            "netns",
+            topo.host,
+        )
+        for namespace, veth, address in ((topo.app, veth_app, APP_IP), (topo.host, veth_host, HOST_IP)):
+            ip("-n", namespace, "addr", "add", f"{address}/{PREFIX_LEN}", "dev", veth)
+            ip("-n", namespace, "link", "set", "lo", "up")
+            ip("-n", namespace, "link", "set", veth, "up")
+        if default_route:
+            ip("-n", topo.app, "route", "add", "default", "via", HOST_IP)
+        etc = Path("/etc/netns") / topo.app
+        etc.mkdir(parents=True, exist_ok=True)
+        hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        if hosts_entry:
+            hosts += f"{HOST_IP}\thost.docker.internal\n"
+        (etc / "hosts").write_text(hosts)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        return topo
+
+    try:
+        yield make
+    finally:
+        for topo in made:
+            for process in topo.processes:
+                process.kill()
+            _remove_namespace(topo.app)
+            _remove_namespace(topo.host)
+        try:
+            Path("/etc/netns").rmdir()  # only when empty: ours were the last ones
+        except OSError:
+            pass
+
+
+def assert_passed(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert result.returncode == 0, f"client failed:\n{result.stdout}{result.stderr}"
+    for name in names:
+        assert f"ok {name}\n" in result.stdout, f"missing 'ok {name}':\n{result.stdout}"
+
+
+def assert_stops_promptly(relay: Process) -> None:
+    code, took = relay.stop()
+    assert code == 0, f"relay exited {code} on SIGTERM; output:\n{relay.output()}"
+    assert took < 2.0, f"relay took {took:.2f} s to stop"
+
+
+def test_with_hosts_entry(topology: Callable[..., Topology]) -> None:
+    """host.docker.internal from the hosts file (like extra_hosts: host-gateway).
+
+    1. App and host namespaces; the app's hosts file maps host.docker.internal to the host's veth address;
+       the app has no default route, so only that entry leads to the host.
+    2. Host services on 10.200.0.1:8000 and :9001; relay with RELAY_PORTS="8000 8001:9001".
+    3. The relay logs `host.docker.internal -> 10.200.0.1`.
+    4. A client in the app namespace, over 127.0.0.1 and over ::1, to localhost:8000 and localhost:8001:
+       256 KiB echoed back intact; 64 KiB then a half-close, and the host's answer, sent a second after
+       the client's FIN, arrives and names port 8000 / 9001 and the payload's SHA-256.
+    5. SIGTERM: the relay exits 0 within two seconds.
+    """
+    topo = topology(hosts_entry=True)
+    topo.host_services(HOST_IP, 8000, 9001)
+    relay = topo.relay([], {"RELAY_PORTS": "8000 8001:9001"})
+    assert f"host.docker.internal -> {HOST_IP}" in relay.output()
+
+    result = topo.app_client("4:8000:8000", "6:8000:8000", "4:8001:9001", "6:8001:9001")
+    assert_passed(
+        result,
+        "echo 127.0.0.1:8000->8000",
+        "half-close ::1:8000->8000",
+        "echo ::1:8001->9001",
+        "half-close 127.0.0.1:8001->9001",
+    )
+    assert_stops_promptly(relay)
+
+
+def test_default_gateway_fallback(topology: Callable[..., Topology]) -> None:
+    """Without the hosts entry the relay falls back to the default gateway.
+
+    1. App and host namespaces; no host.docker.internal in the app's hosts file and no reachable
+       resolver; the app's default route goes via the host's veth address.
+    2. Host service on 10.200.0.1:8000; relay with RELAY_PORTS=8000 (target auto).
+    3. The relay logs `host.docker.internal does not resolve; using default gateway 10.200.0.1`.
+    4. Echo and half-close round trips over 127.0.0.1 and ::1 to localhost:8000 reach the host service.
+    5. SIGTERM: the relay exits 0 promptly.
+    """
+    topo = topology(hosts_entry=False, default_route=True)
+    topo.host_services(HOST_IP, 8000)
+    relay = topo.relay([], {"RELAY_PORTS": "8000"})
+    assert f"using default gateway {HOST_IP}" in relay.output(), relay.output()
+
+    result = topo.app_client("4:8000:8000", "6:8000:8000")
+    assert_passed(
+        result,
+        "echo 127.0.0.1:8000->8000",
+        "echo ::1:8000->8000",
+        "half-close 127.0.0.1:8000->8000",
+        "half-close ::1:8000->8000",
+    )
+    assert_stops_promptly(relay)
+
+
+REFUSED_CLIENT = """
+import socket, sys, time
+sock = socket.create_connection(("localhost", int(sys.argv[1])), timeout=10)
+sock.sendall(b"hello")
+start = time.monotonic()
+try:
+    outcome = "eof" if sock.recv(1) == b"" else "data"
+except ConnectionResetError:
+    outcome = "reset"
+except TimeoutError:
+    outcome = "timeout"
+print(outcome, time.monotonic() - start)
+"""
+
+
+def test_host_service_on_loopback_only(topology: Callable[..., Topology]) -> None:
+    """The classic mistake: the host service listens on 127.0.0.1 only.
+
+    1. App and host namespaces with the hosts entry; the host service listens on the host namespace's
+       127.0.0.1:8000, so the host's veth address refuses port 8000.
+    2. Relay with RELAY_PORTS=8000.
+    3. A client connects to localhost:8000 in the app namespace and sends a few bytes: the relay accepts,
+       its connect is refused, and the client's connection is closed (EOF or reset) within two seconds.
+    4. The relay logs the hint naming 0.0.0.0 and keeps running; SIGTERM then ends it with 0.
+    """
+    topo = topology(hosts_entry=True)
+    topo.host_services("127.0.0.1", 8000)
+    relay = topo.relay([], {"RELAY_PORTS": "8000"})
+    before_client = relay.mark()
+
+    result = topo.run_in_app(["-c", REFUSED_CLIENT, "8000"])
+    assert result.returncode == 0, result.stderr
+    outcome, took = result.stdout.split()
+    assert outcome in ("eof", "reset"), result.stdout
+    assert float(took) < 2.0, f"client closed only after {took} s"
+
+    relay.wait_for("0.0.0.0", timeout=5, since=before_client)
+    assert relay.popen.poll() is None, "the relay died on a refused connect"
+    assert_stops_promptly(relay)
+
+
+def test_socat_argv(topology: Callable[..., Topology]) -> None:
+    """The seed's socat command line, unchanged.
+
+    1. App and host namespaces with the hosts entry; host service on 10.200.0.1:8000.
+    2. Relay started with `-d tcp-listen:8000,fork,reuseaddr tcp-connect:host.docker.internal:8000`.
+    3. Echo and half-close round trips over 127.0.0.1 and ::1 (socat would refuse ::1; the relay adds
+       it) to localhost:8000 reach the host service, the late reply after the FIN included (socat cuts
+       it after 0.5 s).
+    4. SIGTERM: the relay exits 0 promptly.
+    """
+    topo = topology(hosts_entry=True)
+    topo.host_services(HOST_IP, 8000)
+    relay = topo.relay(SEED_ARGV)
+
+    result = topo.app_client("4:8000:8000", "6:8000:8000")
+    assert_passed(
+        result,
+        "echo 127.0.0.1:8000->8000",
+        "echo ::1:8000->8000",
+        "half-close 127.0.0.1:8000->8000",
+        "half-close ::1:8000->8000",
+    )
+    assert_stops_promptly(relay)
