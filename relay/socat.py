@@ -85,8 +85,8 @@ def parse(argv: list[str]) -> SocatArgs:
             f"{SOURCE}s {' '.join(addresses)!r}: expected exactly two addresses, "
             "TCP-LISTEN:PORT[,options] then TCP:HOST:PORT[,options]"
         )
-    _listen_address(addresses[0], raw, notes)
-    _connect_address(addresses[1], raw, notes)
+    _listen_address(addresses[0], raw)
+    _connect_address(addresses[1], raw)
     return SocatArgs(raw, debug, tuple(notes))
 
 
@@ -117,13 +117,22 @@ def _split(address: str) -> tuple[str, list[str], list[str]]:
     return keyword.lower(), params, options
 
 
-def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None:
+def _parts(
+    address: str, keywords: dict[str, str], what: str, count: int, form: str
+) -> tuple[str, str, list[str], list[str]]:
+    """(where, keyword, params, options) of one address, checked against its allowed keywords."""
     where = f"{SOURCE} {address!r}"
     keyword, params, options = _split(address)
-    if keyword not in LISTEN_KEYWORDS:
-        raise ConfigError(f"{where}: {keyword.upper()!r} is not a supported listen address; {LISTEN_FORM}")
-    if len(params) != 1:
-        raise ConfigError(f"{where}: expected one port after {keyword.upper()}; {LISTEN_FORM}")
+    if keyword not in keywords:
+        raise ConfigError(f"{where}: {keyword.upper()!r} is not a supported {what} address; {form}")
+    if len(params) != count:
+        expected = "one port" if count == 1 else "HOST:PORT"
+        raise ConfigError(f"{where}: expected {expected} after {keyword.upper()}; {form}")
+    return where, keyword, params, options
+
+
+def _listen_address(address: str, raw: dict[str, Raw]) -> None:
+    where, keyword, params, options = _parts(address, LISTEN_KEYWORDS, "listen", 1, LISTEN_FORM)
     try:
         port = parse_port(params[0], LISTEN_FORM)
     except AddressError as err:
@@ -132,7 +141,7 @@ def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None
     listen = {"any": ["0.0.0.0", "::1"], "ipv4": ["0.0.0.0"], "ipv6": ["::"]}[family]
     raw["ports"] = Raw(str(port), where)
     for option in options:
-        name, eq, value = option.partition("=")
+        name, _, value = option.partition("=")
         name = name.lower()
         try:
             if name == "bind":
@@ -144,19 +153,14 @@ def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None
             elif name == "reuseport":
                 raw["reuseport"] = Raw(value or "true", where)
             else:
-                _common_option(name, eq, value, where, raw, notes)
+                _common_option(name, value, where, raw)
         except AddressError as err:
             raise ConfigError(f"{where}: option {option!r}: {err}") from None
     raw["listen"] = Raw(listen, where)
 
 
-def _connect_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None:
-    where = f"{SOURCE} {address!r}"
-    keyword, params, options = _split(address)
-    if keyword not in CONNECT_KEYWORDS:
-        raise ConfigError(f"{where}: {keyword.upper()!r} is not a supported connect address; {CONNECT_FORM}")
-    if len(params) != 2:
-        raise ConfigError(f"{where}: expected HOST:PORT after {keyword.upper()}; {CONNECT_FORM}")
+def _connect_address(address: str, raw: dict[str, Raw]) -> None:
+    where, keyword, params, options = _parts(address, CONNECT_KEYWORDS, "connect", 2, CONNECT_FORM)
     try:
         host = check_host(params[0], CONNECT_FORM)
         port = parse_port(params[1], CONNECT_FORM)
@@ -170,7 +174,7 @@ def _connect_address(address: str, raw: dict[str, Raw], notes: list[str]) -> Non
     retries: int | None = None
     interval = 1.0
     for option in options:
-        name, eq, value = option.partition("=")
+        name, _, value = option.partition("=")
         name = name.lower()
         try:
             if name == "connect-timeout":
@@ -184,7 +188,7 @@ def _connect_address(address: str, raw: dict[str, Raw], notes: list[str]) -> Non
             elif name == "bind":
                 raise AddressError("a source address for the target connection is not supported")
             else:
-                _common_option(name, eq, value, where, raw, notes)
+                _common_option(name, value, where, raw)
         except AddressError as err:
             raise ConfigError(f"{where}: option {option!r}: {err}") from None
     if retries is not None:
@@ -197,7 +201,7 @@ def _bad_number(value: str) -> int:
     raise AddressError(f"{value!r} is not a whole number")
 
 
-def _common_option(name: str, eq: str, value: str, where: str, raw: dict[str, Raw], notes: list[str]) -> None:
+def _common_option(name: str, value: str, where: str, raw: dict[str, Raw]) -> None:
     """Options valid on either address."""
     if name == "keepalive":
         raw["keepalive"] = Raw(value or "true", where)

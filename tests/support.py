@@ -128,6 +128,11 @@ def free_port_block(count: int, after: int = 0) -> int:
     raise RuntimeError("no block of free ports found")
 
 
+def relay_args(listen: int, target: int, *extra: str) -> list[str]:
+    """Command-line arguments for a relay from 127.0.0.1/::1:listen to 127.0.0.1:target, no metrics."""
+    return ["--ports", f"{listen}:{target}", "--target", "127.0.0.1", "--metrics", "off", *extra]
+
+
 class RelayProcess:
     """`python -m relay ARGS` as a child process; stderr lines are collected by a thread.
 

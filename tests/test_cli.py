@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RelayProcess, connect_when_ready, exchange, free_port_block, has_ipv6_loopback
+from tests.support import (
+    RelayProcess,
+    connect_when_ready,
+    exchange,
+    free_port_block,
+    has_ipv6_loopback,
+    relay_args,
+)
 
 
 @contextlib.contextmanager
@@ -191,16 +198,7 @@ def test_low_open_file_limit_caps_connections_instead_of_failing() -> None:
     with (
         echo_server() as target,
         RelayProcess(
-            [
-                "--ports",
-                f"{listen}:{target}",
-                "--target",
-                "127.0.0.1",
-                "--metrics",
-                "off",
-                "--listen",
-                "127.0.0.1",
-            ],
+            relay_args(listen, target, "--listen", "127.0.0.1"),
             preexec_fn=low_limit,
         ) as relay,
     ):

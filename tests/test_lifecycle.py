@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RelayProcess, connect_when_ready, exchange, free_port_block
+from tests.support import RelayProcess, connect_when_ready, exchange, free_port_block, relay_args
 from tests.test_cli import echo_server
 
 
@@ -103,18 +103,7 @@ def test_drain_timeout_closes_what_is_left_and_says_how_many() -> None:
     listen = free_port_block(1)
     with (
         echo_server() as target,
-        RelayProcess(
-            [
-                "--ports",
-                f"{listen}:{target}",
-                "--target",
-                "127.0.0.1",
-                "--metrics",
-                "off",
-                "--drain-timeout",
-                "500ms",
-            ]
-        ) as relay,
+        RelayProcess(relay_args(listen, target, "--drain-timeout", "500ms")) as relay,
     ):
         relay.wait_for("ready")
         client = connect_when_ready("127.0.0.1", listen)
@@ -132,18 +121,7 @@ def test_second_signal_ends_the_drain_at_once() -> None:
     listen = free_port_block(1)
     with (
         echo_server() as target,
-        RelayProcess(
-            [
-                "--ports",
-                f"{listen}:{target}",
-                "--target",
-                "127.0.0.1",
-                "--metrics",
-                "off",
-                "--drain-timeout",
-                "30s",
-            ]
-        ) as relay,
+        RelayProcess(relay_args(listen, target, "--drain-timeout", "30s")) as relay,
     ):
         relay.wait_for("ready")
         client = connect_when_ready("127.0.0.1", listen)

@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark harness: ``python -m bench --smoke`` runs each part for about a second.
+
+Not a timed test: it proves that ``scripts/bench`` works (tools start, loads parse, every process is
+stopped, the report is written); the figures are in docs/benchmarks.md from a full run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = ("socat", "haproxy", "iperf3", "sockperf", "wrk", "nginx")
+DEBIAN = "socat haproxy iperf3 sockperf wrk nginx-light iproute2"
+
+
+def _run_processes(run_id: str) -> list[int]:
+    """Live processes carrying RELAY_BENCH_RUN=run_id (the harness puts it on everything it starts)."""
+    needle = f"RELAY_BENCH_RUN={run_id}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in env and state != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_bench_smoke(tmp_path: Path) -> None:
+    """Steps: run the smoke benchmark into a temporary directory; it exits 0, writes a report with
+    the tables, ratios and targets (and the chart when matplotlib is there), and leaves no process."""
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools missing: {' '.join(missing)} (Debian packages: {DEBIAN})")
+    if importlib.util.find_spec("relay.__main__") is None:
+        pytest.skip("the relay has no __main__ yet (python -m relay)")
+    run_id = f"smoke-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=False,
+        env={**os.environ, "RELAY_BENCH_RUN": run_id},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    md = (tmp_path / "benchmarks.md").read_text()
+    for needle in (
+        "## Targets",
+        "## Loopback",
+        "relay ÷ socat",
+        "relay ÷ direct",
+        "## Machine",
+        "throughput, 1 stream",
+        "round trip p50",
+        "new connections",
+        "RSS per held connection",
+        "start to listening",
+    ):
+        assert needle in md, f"{needle!r} missing from the report"
+    assert "## Failed measurements" not in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "benchmarks.png").stat().st_size > 10_000
+    assert _run_processes(run_id) == [], "the benchmark left processes behind"
