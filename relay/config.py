@@ -13,8 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
 from relay.address import (
     AddressError,
     HostPort,
@@ -65,7 +63,6 @@ class Config:
     half_close_timeout: float | None = None
     max_connections: int = 4096
     keepalive: bool = False
-    buffer_size: int = 65536
     backlog: int = 1024
     reuseport: bool = False
     family: Family = "any"
@@ -229,7 +226,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("max_connections", _int_in(1, 1_000_000), "concurrent connections (default 4096)", "N"),
     Option("keepalive", _bool, "SO_KEEPALIVE on both sockets (default off)", "BOOL"),
-    Option("buffer_size", _int_in(1024, 4 * 1024 * 1024), "read size in bytes (default 65536)", "BYTES"),
     Option("backlog", _int_in(1, 65535), "listen backlog (default 1024)", "N"),
     Option("reuseport", _bool, "SO_REUSEPORT on listeners (default off)", "BOOL"),
     Option("family", _choice("any", "ipv4", "ipv6"), "address family for the target (default any)", "FAMILY"),
@@ -287,6 +283,8 @@ def _k8s_service_link(name: str, value: str) -> bool:
 
 def from_file(path: str) -> dict[str, Raw]:
     """The YAML file: a mapping of FILE_KEYS; syntax errors give the line."""
+    import yaml  # ~30 ms of start-up: only when there is a file
+
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()

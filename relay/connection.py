@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from relay.config import Config, Route
 from relay.logs import RateLimited
-from relay.pump import BufferPool, Side, reset, set_socket_options
+from relay.pump import Side, reset, set_socket_options
 from relay.stats import RouteStats
 from relay.upstream import HINTS, Resolver, backoff_delays, classify, open_connection
 
@@ -35,10 +35,11 @@ class Shared:
     """State every connection on the loop shares."""
 
     config: Config
-    pool: BufferPool
     connections: set[Connection] = field(default_factory=set)
     warnings: RateLimited = field(default_factory=RateLimited)
     drained: asyncio.Event | None = None  # set when `connections` becomes empty during a drain
+    # uvloop sets TCP_NODELAY on every TCP transport itself; asyncio not on accepted sockets (pump.py).
+    set_nodelay: bool = True
 
 
 @dataclass(slots=True)
@@ -55,6 +56,7 @@ class Connection:
         "_idle_bytes",
         "_idle_since",
         "_idle_timer",
+        "_timed_out",
         "client",
         "ctx",
         "reason",
@@ -65,15 +67,15 @@ class Connection:
 
     def __init__(self, ctx: RouteContext) -> None:
         self.ctx = ctx
-        pool = ctx.shared.pool
-        self.client = Side(self, pool)
-        self.target = Side(self, pool)
+        self.client = Side(self)
+        self.target = Side(self)
         self.reason: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.started = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._half_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._timed_out = False
         self._idle_bytes = 0
 
     @property
@@ -125,11 +127,7 @@ class Connection:
         delays = backoff_delays(config.connect_retry) if config.connect_retry else iter(())
         while True:
             try:
-                async with asyncio.timeout(config.connect_timeout):
-                    resolution = await ctx.resolver.resolve()
-                    await open_connection(
-                        loop, self._target_side, resolution.addresses, ctx.route.target_port
-                    )
+                await self._attempt(loop, config.connect_timeout)
             except Exception as exc:
                 reason = classify(exc)
                 delay = next(delays, None) if reason == "refused" else None
@@ -140,6 +138,29 @@ class Connection:
                 return
             ctx.stats.connect_seconds.observe(loop.time() - self.started)
             return
+
+    async def _attempt(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """Resolve and connect once, cut by a plain timer: asyncio.timeout() cost ~25 µs a connection
+        in a profile under wrk, a tenth of the relay's whole per-connection time."""
+        self._timed_out = False
+        timer = loop.call_later(timeout, self._expire)
+        try:
+            resolution = await self.ctx.resolver.resolve()
+            await open_connection(loop, self._target_side, resolution.addresses, self.ctx.route.target_port)
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise  # shutdown or the client went away
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            raise TimeoutError(f"no answer within {timeout:g}s") from None
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        if self.task is not None and not self.task.done():
+            self._timed_out = True
+            self.task.cancel()
 
     def _target_side(self) -> Side:
         return self.target
@@ -165,12 +186,14 @@ class Connection:
         if self.reason is not None or client.lost:
             target.transport.abort()  # closed while we were connecting
             return
-        keepalive = self.ctx.shared.config.keepalive
-        set_socket_options(client.transport, keepalive=keepalive)
-        set_socket_options(target.transport, keepalive=keepalive)
+        shared = self.ctx.shared
+        keepalive = shared.config.keepalive
+        if keepalive or shared.set_nodelay:
+            set_socket_options(client.transport, keepalive=keepalive)
+            set_socket_options(target.transport, keepalive=keepalive)
         if client.early:  # rule 1: what the client said first goes first
-            target.transport.write(client.early)
-            client.early = bytearray()
+            target.transport.writelines(client.early)
+            client.early = []
         if client.eof:
             target.transport.write_eof()
         client.out = target.transport

@@ -8,13 +8,15 @@ Rules this module keeps:
    So each direction holds at most HIGH_WATER + one read (see WRITE_LIMITS), whatever the sender does.
 3. Half-close passes through: EOF read on one side becomes `write_eof()` (FIN) on the other, and the
    opposite direction keeps flowing. The pair (connection.py) decides when both directions are done.
-4. One read buffer per event loop, not per connection: reads land in `BufferPool.view` and are written
-   on at once. A transport that cannot send everything immediately may keep a reference to that memory
-   (uvloop queues a view, not a copy), so after such a write the pool hands out a fresh buffer.
-   Idle connections therefore hold no buffer at all.
+4. Memory follows what is in flight: the loop reads into its own buffer (256 KiB) and hands over a
+   bytes object of exactly the size read, which is written on at once; only what the other side cannot
+   take yet stays allocated. An idle connection holds no buffer.
 
-The hot path (`buffer_updated`) does a counter add, one write and one buffer-size check: no logging,
-no metrics calls, no allocation unless the peer is backed up.
+A plain Protocol, not a BufferedProtocol into a shared buffer: measured level on throughput at the same
+read size and ahead on connections per second (docs/benchmarks.md, pump experiments), and uvloop may keep
+a view of a written buffer, which a shared read buffer would then overwrite.
+
+The hot path (`data_received`) does a counter add and one write: no logging, no metrics calls.
 """
 
 from __future__ import annotations
@@ -37,33 +39,19 @@ class Owner(Protocol):
     def side_lost(self, side: Side, exc: Exception | None) -> None: ...
 
 
-class BufferPool:
-    """The read buffer shared by every side on one event loop (rule 4)."""
-
-    __slots__ = ("size", "view")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.view = memoryview(bytearray(size))
-
-    def renew(self) -> None:
-        self.view = memoryview(bytearray(self.size))
-
-
-class Side(asyncio.BufferedProtocol):
+class Side(asyncio.Protocol):
     """One socket of a pair: what it reads is written to `out`, the other socket's transport."""
 
-    __slots__ = ("early", "eof", "lost", "nbytes", "out", "owner", "pool", "transport")
+    __slots__ = ("early", "eof", "lost", "nbytes", "out", "owner", "transport")
 
-    def __init__(self, owner: Owner, pool: BufferPool) -> None:
+    def __init__(self, owner: Owner) -> None:
         self.owner = owner
-        self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.out: asyncio.Transport | None = None
         self.nbytes = 0
         self.eof = False
         self.lost = False
-        self.early = bytearray()  # read before `out` existed; the pair writes it first
+        self.early: list[bytes] = []  # read before `out` existed; the pair writes it first
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport but have its methods.
@@ -72,29 +60,24 @@ class Side(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         self.owner.side_made(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.pool.view
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         out = self.out
         if out is None:
-            self._hold(nbytes)
+            self._hold(data)
             return
         if out.is_closing():
             return  # the other side is gone; the pair is being closed
-        self.nbytes += nbytes
-        out.write(self.pool.view[:nbytes])
-        if out.get_write_buffer_size():
-            self.pool.renew()  # `out` may still point into the buffer (rule 4)
+        self.nbytes += len(data)
+        out.write(data)
 
-    def _hold(self, nbytes: int) -> None:
+    def _hold(self, data: bytes) -> None:
         """Bytes that came before the other side exists: keep them and stop reading (bounded by one read).
 
         A paused transport is the normal case; uvloop starts reading only after connection_made, so
         the pause asked for there lands after the first read.
         """
-        self.nbytes += nbytes
-        self.early += self.pool.view[:nbytes]
+        self.nbytes += len(data)
+        self.early.append(data)
         if self.transport is not None:
             self.transport.pause_reading()
 

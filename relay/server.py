@@ -21,16 +21,18 @@ import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from relay import __version__
 from relay.address import HostPort, format_hostport
 from relay.config import Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared
-from relay.health import HealthServer
 from relay.listener import Listener, ListenError, bind_error, open_route
-from relay.pump import BufferPool
 from relay.stats import RouteStats
 from relay.upstream import HINTS, Lookup, ResolveError, Resolver
+
+if TYPE_CHECKING:
+    from relay.health import HealthServer
 
 log = logging.getLogger("relay")
 
@@ -51,7 +53,7 @@ class Server:
         self.config = config
         self._lookup = lookup
         self._reload_config = reload
-        self.shared = Shared(config, BufferPool(config.buffer_size))
+        self.shared = Shared(config)
         self.routes: dict[Route, ActiveRoute] = {}
         self.stats: dict[str, RouteStats] = {}
         self.resolvers: dict[tuple[str, str], Resolver] = {}
@@ -80,6 +82,7 @@ class Server:
     # --- start ---------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.shared.set_nodelay = not type(asyncio.get_running_loop()).__module__.startswith("uvloop")
         self._check_fd_limit(self.config)
         for warning in self.config.warnings:
             log.warning(warning)
@@ -98,6 +101,8 @@ class Server:
         self.ready.set()
 
     async def _start_health(self, address: HostPort) -> None:
+        from relay.health import HealthServer  # prometheus-client costs ~50 ms of start-up: only when used
+
         self.health = HealthServer(self)
         try:
             self.health_address = await self.health.start(address)

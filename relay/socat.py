@@ -96,7 +96,7 @@ def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
         if flag == "-b":
             if not value.isdigit():
                 raise AddressError(f"{value!r} is not a whole number; expected -b BYTES")
-            raw["buffer_size"] = Raw(value, where)
+            # No effect: the event loop reads up to 256 KiB at a time (socat's default is 8 KiB).
         elif flag == "-t":
             # Asked for explicitly: cut half-closed connections after this long, as socat does.
             raw["half_close_timeout"] = Raw(str(parse_duration(value)), where)

@@ -191,7 +191,7 @@ def test_seed_recipe_argv() -> None:
         (["tcp-listen:80", "tcp:db:1,retry=5,interval=2"], {"connect_retry": "10.0"}),
         (
             ["-b", "16384", "-t", "3", "-T", "60", "tcp-listen:80", "tcp:db:1"],
-            {"buffer_size": "16384", "half_close_timeout": "3.0", "idle_timeout": "60.0"},
+            {"half_close_timeout": "3.0", "idle_timeout": "60.0"},
         ),
         (["-4", "tcp-listen:80", "tcp:db:1"], {"family": "ipv4"}),
     ],

@@ -7,7 +7,6 @@ Writes raw records to ``bench/results/experiments-<time>.jsonl`` and prints a ta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -32,18 +31,12 @@ def variants() -> list[Subject]:
 
 
 def focus() -> list[Subject]:
-    """The front runners of a first full sweep, with the relay itself (both buffer sizes)."""
-    relay_256k = dataclasses.replace(
-        subjects.RELAY,
-        name="relay-buf256k",
-        options=(*subjects.RELAY.options, "--buffer-size", str(256 * KiB)),
-    )
+    """The front runners of a first full sweep, with the relay itself."""
     return [
         subjects.DIRECT,
         subjects.SOCAT,
         subjects.HAPROXY,
         subjects.RELAY,
-        relay_256k,
         subjects.prototype("protocol", "uvloop", high=64 * KiB, low=16 * KiB),
         subjects.prototype("protocol", "uvloop"),
         subjects.prototype("buffered", "uvloop", bufsize=256 * KiB),
