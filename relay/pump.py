@@ -5,7 +5,7 @@ Rules this module keeps:
    order, before the next read on that side. Nothing is dropped while the other side is open.
 2. Bounded memory: when a transport's write buffer passes its high-water mark the loop calls
    `pause_writing` on its protocol, which stops reading the *other* side until `resume_writing`.
-   So each direction holds at most HIGH_WATER + one read (see WRITE_LIMITS), whatever the sender does.
+   So each direction holds at most HIGH_WATER + one read (256 + 256 KiB), whatever the sender does.
 3. Half-close passes through: EOF read on one side becomes `write_eof()` (FIN) on the other, and the
    opposite direction keeps flowing. The pair (connection.py) decides when both directions are done.
 4. Memory follows what is in flight: the loop reads into its own buffer (256 KiB) and hands over a
