@@ -133,77 +133,106 @@ def relay_args(listen: int, target: int, *extra: str) -> list[str]:
     return ["--ports", f"{listen}:{target}", "--target", "127.0.0.1", "--metrics", "off", *extra]
 
 
-class RelayProcess:
-    """`python -m relay ARGS` as a child process; stderr lines are collected by a thread.
+class LineProcess:
+    """A child process whose output (stdout and stderr together) a thread collects line by line.
 
-    Use as a context manager: the process is killed and reaped on exit, whatever happened.
+    A context manager: on exit the process is killed and reaped, whatever happened.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, **popen: Any) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, **popen: Any) -> None:
         import subprocess
-        import sys
         import threading
 
+        self.argv = argv
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "PORTS"}
-        full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", *args],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            env=full_env,
+            env=env,
             **popen,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
             with self._changed:
                 self.lines.append(line.rstrip("\n"))
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
 
-    def wait_for(self, text: str, timeout: float = 10.0) -> str:
-        """The first stderr line containing `text`; fails if the process ends or time runs out first."""
-        import time
-
-        deadline = time.monotonic() + timeout
+    def output(self) -> str:
         with self._changed:
-            while True:
-                for line in self.lines:
-                    if text in line:
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no stderr line with {text!r}; got: {self.lines}")
-                self._changed.wait(min(left, 0.5))
+            return "\n".join(self.lines)
+
+    def mark(self) -> int:
+        """How many lines so far: pass it as wait_for's `since` to look only at later lines."""
+        with self._changed:
+            return len(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 10.0, since: int = 0) -> str:
+        """The first line (from line `since` on) containing `text`; fails if the process ends or the time
+        runs out first."""
+
+        def found() -> str | None:
+            return next((line for line in self.lines[since:] if text in line), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: found() is not None or not self._reader.is_alive(), timeout)
+            line = found()
+        if line is None:
+            state = "exited" if self.proc.poll() is not None else "still running"
+            raise AssertionError(
+                f"{self.argv[:4]} ({state}) never printed {text!r}; output:\n{self.output()}"
+            )
+        return line
 
     def stop(self, sig: int | None = None, timeout: float = 10.0) -> int:
+        """Send SIGTERM (or `sig`) and return the exit code; fails if the process ignores it."""
         import signal
+        import subprocess
 
         if self.proc.poll() is None:
             self.proc.send_signal(sig or signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"{self.argv[:4]} ignored the signal for {timeout} s; output:\n{self.output()}"
+            ) from None
         self._reader.join(timeout)
         return code
 
-    def __enter__(self) -> RelayProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
         self._reader.join(10)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> LineProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+class RelayProcess(LineProcess):
+    """`python -m relay ARGS`, with no RELAY_* or PORTS variables from the test's own environment."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, **popen: Any) -> None:
+        import sys
+
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "PORTS"}
+        super().__init__([sys.executable, "-m", "relay", *args], {**clean, **(env or {})}, **popen)
 
 
 def connect_when_ready(host: str, port: int, timeout: float = 10.0) -> socket.socket:

@@ -22,13 +22,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.support import LineProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_SERVICES = ROOT / "tests" / "docker" / "host_services.py"
@@ -65,84 +66,15 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
 
 
-class Process:
-    """A process in a namespace whose output (stdout and stderr) is collected line by line."""
-
-    def __init__(self, namespace: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.argv = argv
-        self.popen = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def output(self) -> str:
-        with self._changed:
-            return "".join(self.lines)
-
-    def mark(self) -> int:
-        """How many lines so far: pass it as wait_for's `since` to look only at later lines."""
-        with self._changed:
-            return len(self.lines)
-
-    def wait_for(self, text: str, timeout: float = 10.0, since: int = 0) -> None:
-        """Wait until a line (from line `since` on) contains `text`; fail if the process exits or the
-        time runs out first."""
-
-        def seen() -> bool:
-            return any(text in line for line in self.lines[since:])
-
-        with self._changed:
-            self._changed.wait_for(lambda: seen() or not self._reader.is_alive(), timeout)
-            if not seen():
-                state = "exited" if self.popen.poll() is not None else "still running"
-                pytest.fail(f"{self.argv[:4]} ({state}) never printed {text!r}; output:\n{self.output()}")
-
-    def stop(self, timeout: float = 5.0) -> tuple[int, float]:
-        """SIGTERM; return the exit code and how long it took to exit."""
-        start = time.monotonic()
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            code = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(timeout)
-            pytest.fail(f"{self.argv[:4]} ignored SIGTERM for {timeout} s; output:\n{self.output()}")
-        self._reader.join(timeout)
-        return code, time.monotonic() - start
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(10)
-        self._reader.join(10)
-
-
 @dataclass
 class Topology:
     """An app namespace and a host namespace joined by a veth pair, and the processes started in them."""
 
     app: str
     host: str
-    processes: list[Process] = field(default_factory=list)
+    processes: list[LineProcess] = field(default_factory=list)
 
-    def relay(self, argv: list[str], env: dict[str, str] | None = None) -> Process:
+    def relay(self, argv: list[str], env: dict[str, str] | None = None) -> LineProcess:
         """Start `python -m relay ARGV` in the app namespace with ENV; return once it logged `ready`."""
         environ = {k: v for k, v in os.environ.items() if not FOREIGN_ENV.match(k)}
         environ.update(env or {})
@@ -150,7 +82,7 @@ class Topology:
         process.wait_for("ready")
         return process
 
-    def host_services(self, address: str, *ports: int) -> Process:
+    def host_services(self, address: str, *ports: int) -> LineProcess:
         """Start tests/docker/host_services.py in the host namespace; return once it listens."""
         process = self._start(self.host, [sys.executable, str(HOST_SERVICES), address, *map(str, ports)])
         process.wait_for("ready")
@@ -169,8 +101,8 @@ class Topology:
             timeout=60,
         )
 
-    def _start(self, namespace: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
-        process = Process(namespace, argv, env)
+    def _start(self, namespace: str, argv: list[str], env: dict[str, str] | None = None) -> LineProcess:
+        process = LineProcess(["ip", "netns", "exec", namespace, *argv], env, cwd=ROOT)
         self.processes.append(process)
         return process
 
@@ -273,8 +205,10 @@ def assert_passed(result: subprocess.CompletedProcess[str], *names: str) -> None
         assert f"ok {name}\n" in result.stdout, f"missing 'ok {name}':\n{result.stdout}"
 
 
-def assert_stops_promptly(relay: Process) -> None:
-    code, took = relay.stop()
+def assert_stops_promptly(relay: LineProcess) -> None:
+    started = time.monotonic()
+    code = relay.stop(timeout=5.0)
+    took = time.monotonic() - started
     assert code == 0, f"relay exited {code} on SIGTERM; output:\n{relay.output()}"
     assert took < 2.0, f"relay took {took:.2f} s to stop"
 
@@ -370,7 +304,7 @@ def test_host_service_on_loopback_only(topology: Callable[..., Topology]) -> Non
     assert float(took) < 2.0, f"client closed only after {took} s"
 
     relay.wait_for("0.0.0.0", timeout=5, since=before_client)
-    assert relay.popen.poll() is None, "the relay died on a refused connect"
+    assert relay.proc.poll() is None, "the relay died on a refused connect"
     assert_stops_promptly(relay)
 
 
