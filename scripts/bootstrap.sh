@@ -29,6 +29,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # Reinstall only when the project's metadata changed since the last install.
 stamp=.venv/.relay-installed-${relay_extras//,/-}
+if [[ -z $relay_extras ]]; then # any earlier install (with extras) includes the project itself
+    for earlier in .venv/.relay-installed-*; do
+        if [[ -f $earlier && ! pyproject.toml -nt $earlier ]]; then stamp=$earlier; fi
+    done
+fi
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${relay_extras:+[$relay_extras]}" >&2
