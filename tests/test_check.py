@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.conftest import in_namespace
 from tests.test_cli import echo_server, run_relay
 
 
@@ -29,54 +25,6 @@ def test_configuration_error_exit_2() -> None:
     result = run_relay(["check", "--ports", "70-60"])
     assert result.returncode == 2
     assert result.stderr.startswith("relay: error: --ports: '70-60' is not a port range")
-
-
-NETNS_REASON = "needs root, Linux and `ip netns` (iproute2)"
-
-
-def _can_use_netns() -> bool:
-    return sys.platform == "linux" and os.geteuid() == 0 and shutil.which("ip") is not None
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    """A private network namespace with loopback and a veth pair, both ends inside it: 10.203.0.1/24 on
-    one end, nothing on the other, so 10.203.0.x never answers (a silent host). hosts/resolv.conf files
-    keep name lookups inside it. Deleting the namespace deletes the pair."""
-    if not _can_use_netns():
-        pytest.skip(NETNS_REASON)
-    name = f"relaychk{os.getpid()}"
-    etc = Path("/etc/netns") / name
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)  # a leftover from an aborted run
-    try:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        for cmd in (
-            ["ip", "link", "set", "lo", "up"],
-            ["ip", "link", "add", "silent0", "type", "veth", "peer", "name", "silent1"],
-            ["ip", "addr", "add", "10.203.0.1/24", "dev", "silent0"],
-            ["ip", "link", "set", "silent0", "up"],
-            ["ip", "link", "set", "silent1", "up"],
-        ):
-            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")  # nothing answers: lookups fail fast
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        shutil.rmtree(etc, ignore_errors=True)
-
-
-def in_namespace(name: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    return subprocess.run(
-        ["ip", "netns", "exec", name, sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_refused_timeout_unresolved_and_ok_each_get_their_cause(namespace: str, tmp_path: Path) -> None:

@@ -394,3 +394,32 @@ def test_both_sockets_have_nodelay_and_keepalive_when_asked(run: Run) -> None:
             writer.close()
 
     run(scenario())
+
+
+def test_client_reset_resets_target_promptly(run: Run) -> None:
+    """Steps: a client resets its connection mid-stream; the target sees the connection end (reset or
+    EOF) at once and the reason is client_reset."""
+    ended: asyncio.Future[None] | None = None
+
+    async def wait_for_end(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert ended is not None
+        writer.write(b"hello")
+        with contextlib.suppress(ConnectionResetError):
+            await reader.read(-1)
+        ended.set_result(None)
+
+    async def scenario() -> None:
+        nonlocal ended
+        ended = asyncio.get_running_loop().create_future()
+        async with tcp_server(wait_for_end) as target, relay(target) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+            assert await reader.readexactly(5) == b"hello"
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            async with asyncio.timeout(2):
+                await ended
+            await wait_until(lambda: not server.connections)
+            assert server.stats["test"].closed["client_reset"] == 1
+
+    run(scenario())

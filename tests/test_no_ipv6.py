@@ -1,0 +1,25 @@
+"""A container started with IPv6 disabled: the default ::1 listener is skipped, not fatal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.support import LineProcess
+
+
+def test_default_listen_skips_ipv6_loopback_when_the_kernel_has_none(namespace: str) -> None:
+    """Steps: IPv6 is disabled in a namespace; the relay, started with the default listen addresses,
+    logs one info line about [::1], becomes ready on 127.0.0.1 alone, and stops on SIGTERM."""
+    for scope in ("all", "lo"):
+        subprocess.run(
+            ["ip", "netns", "exec", namespace, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1"],
+            check=True,
+        )
+    argv = ["--ports", "5432", "--target", "127.0.0.1", "--metrics", "off"]
+    with LineProcess(["ip", "netns", "exec", namespace, sys.executable, "-m", "relay", *argv]) as relay:
+        ready = relay.wait_for("ready")
+        assert relay.stop() == 0
+    assert "1 listener(s)" in ready
+    assert "tcp/5432: IPv6 is not available here; not listening on [::1]:5432" in relay.output()
+    assert "tcp/5432: 127.0.0.1:5432 -> 127.0.0.1:5432" in relay.output()
