@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from relay import __version__
-from relay.address import HostPort, format_hostport
+from relay.address import HostPort, format_hostport, is_loopback
 from relay.config import Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared
 from relay.listener import Listener, ListenError, bind_error, open_route
@@ -61,7 +61,6 @@ class Server:
         self.health: HealthServer | None = None
         self.health_address: HostPort | None = None  # as bound (the real port when 0 was asked for)
         self.draining = False
-        self.ready = asyncio.Event()
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
 
     # --- reading state (metrics, health, tests) --------------------------------------------------------
@@ -73,11 +72,6 @@ class Server:
     @property
     def listeners(self) -> list[Listener]:
         return [lst for active in self.routes.values() for lst in active.listeners]
-
-    def address_of(self, route_name: str) -> list[tuple[str, int]]:
-        return [
-            (lst.address.host, lst.address.port) for lst in self.listeners if lst.route.name == route_name
-        ]
 
     # --- start ---------------------------------------------------------------------------------------------
 
@@ -98,7 +92,6 @@ class Server:
         log.info(
             "ready: relay %s, %d route(s), %d listener(s)", __version__, len(self.routes), len(self.listeners)
         )
-        self.ready.set()
 
     async def _start_health(self, address: HostPort) -> None:
         from relay.health import HealthServer  # prometheus-client costs ~50 ms of start-up: only when used
@@ -125,6 +118,14 @@ class Server:
         )
         self.routes[route] = ActiveRoute(ctx, listeners)
         log.info("%s: %s", route.name, _describe(route, listeners), extra={"route": route.name})
+        exposed = [str(lst.address) for lst in listeners if not is_loopback(lst.address.host)]
+        if exposed:
+            log.info(
+                "%s: %s is reachable from outside this network namespace, as asked",
+                route.name,
+                ", ".join(exposed),
+                extra={"route": route.name},
+            )
 
     def _resolver(self, target: str) -> Resolver:
         key = (target, self.config.family)
@@ -186,13 +187,8 @@ class Server:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
-    def stop(self) -> None:
-        """Ask `serve` to drain and return, as SIGTERM does."""
-        self._signals.put_nowait(signal.SIGTERM)
-
     async def drain(self, why: str = "stop") -> None:
         self.draining = True
-        self.ready.clear()
         self._close_listeners(list(self.routes))
         log.info(
             "%s: stopped listening; draining %d connection(s), up to %gs",
