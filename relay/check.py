@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from relay.address import format_hostport
 from relay.config import AUTO, Config
 from relay.upstream import Resolution, ResolveError, Resolver, classify, open_connection
 
@@ -73,13 +74,11 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
     for route in config.routes:
         print(f"  {route.name:<14} {route.describe()}", file=out)
 
-    resolvers: dict[str, Resolver] = {}
     resolutions: dict[str, Resolution | ResolveError] = {}
     print("targets:", file=out)
     for target in dict.fromkeys(r.target for r in config.routes):
-        resolver = resolvers[target] = Resolver(target, config.family)
         try:
-            resolution: Resolution | ResolveError = await resolver.resolve()
+            resolution: Resolution | ResolveError = await Resolver(target, config.family).resolve()
         except ResolveError as err:
             resolution = err
         resolutions[target] = resolution
@@ -98,16 +97,14 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
             probes.append(
                 Probe(
                     route.name,
-                    f"{route.target}:{route.target_port}",
+                    format_hostport(route.target, route.target_port),
                     "unresolved",
                     None,
                     CAUSES["unresolved"],
                 )
             )
             continue
-        shown = f"{resolution.addresses[0]}:{route.target_port}"
-        if ":" in resolution.addresses[0]:
-            shown = f"[{resolution.addresses[0]}]:{route.target_port}"
+        shown = format_hostport(resolution.addresses[0], route.target_port)
         try:
             millis = await _probe(loop, resolution.addresses, route.target_port, timeout)
         except Exception as exc:

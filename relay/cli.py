@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, NoReturn
 
 from relay import __version__, logs, socat
@@ -69,12 +71,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config,
 
     config = reload()
     if notes:
-        config = Config(**{**_fields(config), "warnings": (*config.warnings, *notes)})
+        config = replace(config, warnings=(*config.warnings, *notes))
     return command, config, reload
-
-
-def _fields(config: Config) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -97,8 +95,6 @@ def run_on_loop(factory: Callable[[], asyncio.AbstractEventLoop], main: Coroutin
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    import os
-
     from relay.listener import ListenError
     from relay.server import Server
 
