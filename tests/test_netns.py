@@ -205,6 +205,19 @@ def assert_passed(result: subprocess.CompletedProcess[str], *names: str) -> None
         assert f"ok {name}\n" in result.stdout, f"missing 'ok {name}':\n{result.stdout}"
 
 
+def assert_round_trips_over_both_families(topo: Topology, port: int) -> None:
+    """Echo and half-close through localhost:port over 127.0.0.1 and ::1 reach host port `port`."""
+    result = topo.app_client(f"4:{port}:{port}", f"6:{port}:{port}")
+    assert_passed(
+        result,
+        *(
+            f"{check} {host}:{port}->{port}"
+            for check in ("echo", "half-close")
+            for host in ("127.0.0.1", "::1")
+        ),
+    )
+
+
 def assert_stops_promptly(relay: LineProcess) -> None:
     started = time.monotonic()
     code = relay.stop(timeout=5.0)
@@ -256,14 +269,7 @@ def test_default_gateway_fallback(topology: Callable[..., Topology]) -> None:
     relay = topo.relay([], {"RELAY_PORTS": "8000"})
     assert f"using default gateway {HOST_IP}" in relay.output(), relay.output()
 
-    result = topo.app_client("4:8000:8000", "6:8000:8000")
-    assert_passed(
-        result,
-        "echo 127.0.0.1:8000->8000",
-        "echo ::1:8000->8000",
-        "half-close 127.0.0.1:8000->8000",
-        "half-close ::1:8000->8000",
-    )
+    assert_round_trips_over_both_families(topo, 8000)
     assert_stops_promptly(relay)
 
 
@@ -322,12 +328,5 @@ def test_socat_argv(topology: Callable[..., Topology]) -> None:
     topo.host_services(HOST_IP, 8000)
     relay = topo.relay(SEED_ARGV)
 
-    result = topo.app_client("4:8000:8000", "6:8000:8000")
-    assert_passed(
-        result,
-        "echo 127.0.0.1:8000->8000",
-        "echo ::1:8000->8000",
-        "half-close 127.0.0.1:8000->8000",
-        "half-close ::1:8000->8000",
-    )
+    assert_round_trips_over_both_families(topo, 8000)
     assert_stops_promptly(relay)
