@@ -206,8 +206,11 @@ class Connection:
             self._idle_timer = loop.call_later(config.idle_timeout / 4, self._idle_check)
         log.debug("%s: connected", self.ctx.route.name, extra={"route": self.ctx.route.name})
 
+    def _other(self, side: Side) -> Side:
+        return self.target if side is self.client else self.client
+
     def side_eof(self, side: Side) -> None:
-        other = self.target if side is self.client else self.client
+        other = self._other(side)
         if other.eof:
             self.close("eof")
             return
@@ -218,17 +221,13 @@ class Connection:
             self._half_timer = asyncio.get_running_loop().call_later(timeout, self.close, "idle_timeout")
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
-        other = self.target if side is self.client else self.client
+        other = self._other(side)
         if self.reason is None:
             if exc is None:
                 self.reason = "eof"
             else:
                 self.reason = "client_reset" if side is self.client else "target_reset"
-        if other.transport is not None and not other.lost:
-            if exc is None:
-                other.transport.close()
-            else:
-                reset(other.transport)
+        _shut(other, graceful=exc is None)
         self._maybe_finish()
 
     # --- closing -----------------------------------------------------------------------------------------
@@ -240,11 +239,7 @@ class Connection:
         if self.task is not None and not self.task.done() and self.task is not asyncio.current_task():
             self.task.cancel()
         for side in (self.client, self.target):
-            if side.transport is not None and not side.lost:
-                if reason in GRACEFUL:
-                    side.transport.close()
-                else:
-                    reset(side.transport)
+            _shut(side, graceful=reason in GRACEFUL)
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -306,3 +301,13 @@ class Connection:
             self.close("idle_timeout")
             return
         self._idle_timer = loop.call_later(timeout / 4, self._idle_check)
+
+
+def _shut(side: Side, *, graceful: bool) -> None:
+    """Close a side that is still open: FIN after flushing, or RST at once."""
+    if side.transport is None or side.lost:
+        return
+    if graceful:
+        side.transport.close()
+    else:
+        reset(side.transport)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay")
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FDS_PER_CONNECTION = 2
 FD_RESERVE = 64
 
@@ -60,10 +61,13 @@ class Server:
         self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
         self.health: HealthServer | None = None
         self.health_address: HostPort | None = None  # as bound (the real port when 0 was asked for)
-        self.draining = False
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
 
     # --- reading state (metrics, health, tests) --------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.shared.drained is not None
 
     @property
     def connections(self) -> set[Connection]:
@@ -172,7 +176,7 @@ class Server:
     async def serve(self) -> None:
         """Start, then handle signals until told to stop; drain and return."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in SIGNALS:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         try:
             await self.start()
@@ -184,11 +188,12 @@ class Server:
                 await self.drain(sig.name)
                 return
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
 
     async def drain(self, why: str = "stop") -> None:
-        self.draining = True
+        shared = self.shared
+        shared.drained = asyncio.Event()  # from here on: readiness false, late accepts refused
         self._close_listeners(list(self.routes))
         log.info(
             "%s: stopped listening; draining %d connection(s), up to %gs",
@@ -196,10 +201,7 @@ class Server:
             len(self.connections),
             self.config.drain_timeout,
         )
-        shared = self.shared
-        shared.drained = asyncio.Event()
         if shared.connections:
-            shared.drained.clear()
             waiter = asyncio.ensure_future(shared.drained.wait())
             second = asyncio.ensure_future(self._second_signal())
             await asyncio.wait(

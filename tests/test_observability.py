@@ -147,7 +147,7 @@ def test_health_and_readiness(run: Run) -> None:
             writer.write(b"\x00\xff garbage\r\n\r\n")
             assert (await read_all(reader)).startswith(b"HTTP/1.1 400")
             writer.close()
-            server.draining = True  # as drain() sets it first, before closing the listeners
+            server.shared.drained = asyncio.Event()  # as drain() does first, before closing the listeners
             assert (await http_get(address, "/readyz"))[0] == 503
             await server.drain()
 
