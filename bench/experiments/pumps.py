@@ -65,6 +65,15 @@ class _Half:
     starter: Callable[[_Half], None] | None
     early: bytes
 
+    def __init__(self, high: int, low: int) -> None:
+        self.transport = None
+        self.peer = None
+        self.eof = False
+        self.high = high
+        self.low = low
+        self.starter = None
+        self.early = b""
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not registered subclasses
         self.transport = transport
@@ -113,15 +122,6 @@ class Side(_Half, asyncio.Protocol):
     """(a) One socket of a relayed pair; what it reads goes to ``peer``'s transport."""
 
     __slots__ = ()
-
-    def __init__(self, high: int, low: int) -> None:
-        self.transport = None
-        self.peer = None
-        self.eof = False
-        self.high = high
-        self.low = low
-        self.starter = None
-        self.early = b""
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -182,13 +182,7 @@ class BufferedSide(_Half, asyncio.BufferedProtocol):
     __slots__ = ("pool",)
 
     def __init__(self, high: int, low: int, pool: SharedBuffer) -> None:
-        self.transport = None
-        self.peer = None
-        self.eof = False
-        self.high = high
-        self.low = low
-        self.starter = None
-        self.early = b""
+        super().__init__(high, low)
         self.pool = pool
 
     def get_buffer(self, sizehint: int) -> memoryview:
