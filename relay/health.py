@@ -38,16 +38,21 @@ REASONS = {
 
 
 def readiness(server: Server) -> tuple[bool, dict[str, object]]:
-    """Ready when not draining and every configured address of every route is listening."""
+    """Ready when not draining, every configured address of every route is listening, and nothing in
+    `server.problems` says new connections would fail (slots or descriptors exhausted, stranded ...)."""
     routes: dict[str, object] = {}
-    ready = not server.draining and bool(server.routes)
+    problems = sorted(server.problems.values())
+    ready = not server.draining and bool(server.routes) and not problems
     for route, active in server.routes.items():
         listening = [str(lst.address) for lst in active.listeners]
         complete = len(active.listeners) >= len({hp.host for hp in route.listen} - server.skipped_hosts)
         ready = ready and complete
         routes[route.name] = {"listening": listening, "ready": complete and not server.draining}
     status = "ready" if ready else ("draining" if server.draining else "not ready")
-    return ready, {"status": status, "routes": routes}
+    body: dict[str, object] = {"status": status, "routes": routes}
+    if problems:
+        body["reasons"] = problems
+    return ready, body
 
 
 class HealthServer:
