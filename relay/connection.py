@@ -25,9 +25,11 @@ from relay.upstream import HINTS, Resolver, backoff_delays, classify, open_conne
 
 log = logging.getLogger("relay")
 
-# Reasons that end a pair with FIN after flushing; the others (resets, shutdown after the drain
-# timeout) reset both sides so nobody mistakes a cut connection for a complete answer.
-GRACEFUL = frozenset({"eof", "connect_failed", "idle_timeout"})
+# Reasons that end a pair with FIN after flushing; the others (resets, a failed connect, shutdown after
+# the drain timeout) reset both sides so nobody mistakes a cut connection for a complete answer. A failed
+# connect resets the client on purpose: a FIN would turn into a reset anyway whenever the client had
+# sent bytes the relay never read, so only RST is the same every time, on both loops.
+GRACEFUL = frozenset({"eof", "idle_timeout"})
 
 
 @dataclass(slots=True)
@@ -38,6 +40,9 @@ class Shared:
     connections: set[Connection] = field(default_factory=set)
     warnings: RateLimited = field(default_factory=RateLimited)
     drained: asyncio.Event | None = None  # set when `connections` becomes empty during a drain
+    # Why new connections would fail now (key -> one line); /readyz reports these (server.py, health.py).
+    problems: dict[str, str] = field(default_factory=dict)
+    full: bool = False  # max_connections reached: "slots" is in problems until a pair finishes
     # uvloop sets TCP_NODELAY on every TCP transport itself; asyncio not on accepted sockets (pump.py).
     set_nodelay: bool = True
 
@@ -106,12 +111,13 @@ class Connection:
             self.client.lost = self.target.lost = True  # never registered: nothing to finish
             reset(transport)
             if not draining:
-                shared.warnings.warning(
-                    "limit",
+                message = (
                     f"max_connections ({shared.config.max_connections}) reached: "
-                    "new connections are closed at once",
-                    route=ctx.route.name,
+                    "new connections are closed at once"
                 )
+                shared.full = True
+                shared.problems["slots"] = message
+                shared.warnings.warning("limit", message, route=ctx.route.name)
             return
         transport.pause_reading()  # rule 1
         loop = asyncio.get_running_loop()
@@ -143,19 +149,35 @@ class Connection:
         """Resolve and connect once, cut by a plain timer: asyncio.timeout() cost ~25 µs a connection
         in a profile under wrk, a tenth of the relay's whole per-connection time."""
         self._timed_out = False
+        if self.target.transport is not None:  # a retry: the last attempt's side is written off
+            self.target = Side(self)
         timer = loop.call_later(timeout, self._expire)
         try:
             resolution = await self.ctx.resolver.resolve()
             await open_connection(loop, self._target_side, resolution.addresses, self.ctx.route.target_port)
-        except asyncio.CancelledError:
-            if not self._timed_out:
-                raise  # shutdown or the client went away
+        except BaseException as exc:
+            self._write_off_target()
+            if not isinstance(exc, asyncio.CancelledError) or not self._timed_out:
+                raise  # a connect error, shutdown, or the client went away
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             raise TimeoutError(f"no answer within {timeout:g}s") from None
         finally:
             timer.cancel()
+
+    def _write_off_target(self) -> None:
+        """An attempt that did not complete owns no live target socket.
+
+        The loop may have made the transport (and called connection_made) before the attempt was cut:
+        asyncio then closes it and reports connection_lost, but uvloop closes it without reporting, and
+        a pair waiting for that report would never finish (rule 3). So close it here and mark the side
+        lost ourselves; a late connection_lost is ignored (pump.Side.connection_lost).
+        """
+        target = self.target
+        if target.transport is not None and not target.lost:
+            target.lost = True
+            target.transport.abort()
 
     def _expire(self) -> None:
         if self.task is not None and not self.task.done():
@@ -283,6 +305,9 @@ class Connection:
             self.target.nbytes,
             extra={"route": self.ctx.route.name},
         )
+        if shared.full:
+            shared.full = False
+            del shared.problems["slots"]
         if shared.drained is not None and not shared.connections:
             shared.drained.set()
 

@@ -97,6 +97,8 @@ class Side(asyncio.Protocol):
             peer.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return  # the pair already wrote this side off (a connect attempt cut short: connection.py)
         self.lost = True
         self.owner.side_lost(self, exc)
 

@@ -62,10 +62,6 @@ class Server:
         self.health: HealthServer | None = None
         self.health_address: HostPort | None = None  # as bound (the real port when 0 was asked for)
         self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-        # Why the relay cannot do its job right now (key -> one human line); /readyz answers 503 with
-        # these, so readiness never says "ready" while new connections would fail. Set and cleared by
-        # whoever detects the condition (slots, descriptors, a stranded namespace ...).
-        self.problems: dict[str, str] = {}
 
     # --- reading state (metrics, health, tests) --------------------------------------------------------
 
@@ -76,6 +72,13 @@ class Server:
     @property
     def connections(self) -> set[Connection]:
         return self.shared.connections
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """Why the relay cannot do its job right now (key -> one human line): /readyz answers 503 with
+        these, so readiness never says "ready" while new connections would fail. Set and cleared by
+        whoever detects the condition (slots, descriptors, a stranded namespace ...)."""
+        return self.shared.problems
 
     @property
     def listeners(self) -> list[Listener]:

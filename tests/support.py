@@ -9,11 +9,14 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from relay.address import HostPort
 from relay.config import Config, Route
 from relay.server import Server
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @contextlib.asynccontextmanager
@@ -83,6 +86,38 @@ def unused_port() -> int:
 
 async def read_all(reader: asyncio.StreamReader) -> bytes:
     return await reader.read(-1)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for a condition on the relay's state, checking every 10 ms, failing after `timeout`."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def http_get(address: HostPort, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+    response = await read_all(reader)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def scrape(server: Server) -> Samples:
+    """The relay's /metrics, parsed the way Prometheus parses it: (name, labels) -> value."""
+    assert server.health_address is not None
+    status, body = await http_get(server.health_address, "/metrics")
+    assert status == 200
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
 
 
 def has_ipv6_loopback() -> bool:
@@ -247,6 +282,17 @@ def connect_when_ready(host: str, port: int, timeout: float = 10.0) -> socket.so
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def expect_reset(sock: socket.socket, payload: bytes) -> None:
+    """Send, then read: the relay must reset the connection (a failed connect), not close it cleanly."""
+    with sock:
+        try:
+            sock.sendall(payload)
+            data = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return
+    raise AssertionError(f"the connection ended cleanly after {data!r}; expected a reset")
 
 
 def exchange(sock: socket.socket, payload: bytes) -> bytes:

@@ -8,44 +8,22 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from relay.address import HostPort
 from relay.server import Server
-from tests.support import echo, port_of, read_all, relay, tcp_server, unused_port
+from tests.support import (
+    echo,
+    http_get,
+    port_of,
+    read_all,
+    relay,
+    scrape,
+    tcp_server,
+    unused_port,
+    value,
+    wait_until,
+)
 
 Run = Callable[..., Any]
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def http_get(address: HostPort, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection(address.host, address.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
-    response = await read_all(reader)
-    writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-async def scrape(server: Server) -> Samples:
-    assert server.health_address is not None
-    status, body = await http_get(server.health_address, "/metrics")
-    assert status == 200
-    samples: Samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def test_counters_are_exact_after_known_connections(run: Run) -> None:
