@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.netns import topology as topology  # the app/host namespace pair, for every module
+
 T = TypeVar("T")
 Runner = Callable[[Coroutine[Any, Any, T]], T]
 
