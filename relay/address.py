@@ -42,12 +42,27 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def whole_number(text: str, limit: int) -> int | None:
+    """The value of a string of ASCII digits if it is at most `limit`, else None.
+
+    Not `text.isdigit()` and `int(text)` alone: isdigit() also says yes to '²' (which int() refuses) and
+    to '٨٠' (which int() reads as 80), and int() refuses more than 4300 digits; each of those escaped
+    as a bare ValueError or an accepted value.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        return None
+    return int(digits)
+
+
 def parse_port(text: str, form: str = PORTS_FORM) -> int:
     """A decimal port 1-65535."""
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise AddressError(f"{text!r} is not a port number; {form}")
-    port = int(text)
-    if not 1 <= port <= 65535:
+    port = whole_number(text, 65535)
+    if port is None or port < 1:
         raise AddressError(f"{text!r} is not a port number (1-65535); {form}")
     return port
 

@@ -29,6 +29,7 @@ def maps(*pairs: tuple[int, int]) -> tuple[PortMap, ...]:
         ("  65535  ", maps((65535, 65535))),
         ("7-7", maps((7, 7))),
         ("7:9-9", maps((7, 9))),
+        ("0" * 5000 + "80", maps((80, 80))),
     ],
 )
 def test_port_list_forms(text: str, expected: tuple[PortMap, ...]) -> None:
@@ -51,6 +52,10 @@ def test_port_list_forms(text: str, expected: tuple[PortMap, ...]) -> None:
         (" , ", "lists no ports"),
         ("80:", "'80:': '' is not a port number"),
         ("-80", "'-80': '' is not a port number"),
+        # str.isdigit() says yes to these; they used to escape as ValueError or be read as 80.
+        ("²", "'²' is not a port number"),
+        ("٨٠", "'٨٠' is not a port number"),
+        ("9" * 5000, "9' is not a port number (1-65535)"),
     ],
 )
 def test_bad_port_lists_quote_the_value_and_the_form(text: str, message: str) -> None:
