@@ -8,6 +8,7 @@ No DNS, no sockets.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 
@@ -197,7 +198,8 @@ def _is_ipv6(text: str) -> bool:
         return False
 
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?$")
+# [0-9], not \d: \d also matches '٣' and other Unicode digits.
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -206,4 +208,7 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text.strip().lower())
     if not match:
         raise AddressError(f"{text!r} is not a duration; {DURATION_FORM}")
-    return float(match.group(1)) * _UNIT[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if not math.isfinite(seconds):  # 400 nines read as a float are infinity
+        raise AddressError(f"{text!r} is too long a duration; {DURATION_FORM}")
+    return seconds
