@@ -128,6 +128,16 @@ def parse_ports(text: str) -> tuple[PortMap, ...]:
 def parse_hostport(text: str, *, default_port: int | None = None) -> HostPort:
     """`host:port`, `1.2.3.4:port`, `[::1]:port`; a bare host only when default_port is given."""
     text = text.strip()
+    try:
+        return _hostport(text, default_port)
+    except AddressError as err:
+        if str(err).startswith(repr(text)):
+            raise
+        # A part's own message (`'' is not a port number`) does not say which value it came from.
+        raise AddressError(f"{text!r}: {err}") from None
+
+
+def _hostport(text: str, default_port: int | None) -> HostPort:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or not _is_ipv6(host):

@@ -87,7 +87,11 @@ def test_host_port(text: str, expected: HostPort) -> None:
         ("[::1]80", "is not a valid [IPv6]:PORT"),
         ("[nope]:80", "is not a valid [IPv6]:PORT"),
         ("db:0", "is not a port number"),
-        ("bad host:80", "is not a host name or IP address"),
+        ("bad host:80", "'bad host:80': 'bad host' is not a host name or IP address"),
+        # The part's own message used to be all: `'' is not a port number`, not saying which value.
+        ("db:", "'db:': '' is not a port number"),
+        (":1", "':1': '' is not a host name or IP address"),
+        ("[::1]:", "'[::1]:': '' is not a port number"),
     ],
 )
 def test_bad_host_port(text: str, message: str) -> None:
