@@ -183,29 +183,38 @@ def parse_ip(text: str, form: str = "expected an IP address such as 127.0.0.1 or
     bare = text.strip()
     if bare.startswith("[") and bare.endswith("]"):
         bare = bare[1:-1]
-    try:
-        return str(ipaddress.ip_address(bare))
-    except ValueError:
-        raise AddressError(f"{text!r} is not an IP address; {form}") from None
+    ip = _ip(bare)
+    if ip is None:
+        raise AddressError(f"{text!r} is not an IP address; {form}")
+    return str(ip)
 
 
 def is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 
 
-def _is_ip(text: str) -> bool:
+# An IPv6 zone is an interface name (at most 15 characters) or index; ipaddress takes any text after
+# '%', spaces and line breaks included.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ipaddress.ip_address(text)
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return True
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None and not _ZONE.fullmatch(ip.scope_id):
+        return None
+    return ip
+
+
+def _is_ip(text: str) -> bool:
+    return _ip(text) is not None
 
 
 def _is_ipv6(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == 6
-    except ValueError:
-        return False
+    ip = _ip(text)
+    return ip is not None and ip.version == 6
 
 
 # [0-9], not \d: \d also matches '٣' and other Unicode digits.

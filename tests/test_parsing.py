@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from relay.address import AddressError, HostPort, PortMap, parse_duration, parse_hostport, parse_ports
+from relay.address import (
+    AddressError,
+    HostPort,
+    PortMap,
+    parse_duration,
+    parse_hostport,
+    parse_ip,
+    parse_ports,
+)
 from relay.config import ConfigError
 from relay.socat import looks_like_socat
 from relay.socat import parse as parse_socat
@@ -92,11 +100,30 @@ def test_host_port(text: str, expected: HostPort) -> None:
         ("db:", "'db:': '' is not a port number"),
         (":1", "':1': '' is not a host name or IP address"),
         ("[::1]:", "'[::1]:': '' is not a port number"),
+        # ipaddress takes any text as an IPv6 zone, spaces and line breaks included.
+        ("[fe80::1%a b]:80", "is not a valid [IPv6]:PORT"),
+        ("[::1%\n]:80", "is not a valid [IPv6]:PORT"),
     ],
 )
 def test_bad_host_port(text: str, message: str) -> None:
     with pytest.raises(AddressError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_hostport(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "ip"),
+    [("127.0.0.1", "127.0.0.1"), ("[::1]", "::1"), ("0:0::1", "::1"), ("fe80::1%eth0", "fe80::1%eth0")],
+)
+def test_ip_literals(text: str, ip: str) -> None:
+    assert parse_ip(text) == ip
+
+
+@pytest.mark.parametrize(
+    "text", ["::% ", "fe80::1%a b", "fe80::1%eth\n0", "fe80::1%", "localhost", "1.2.3.256"]
+)
+def test_bad_ip_literals(text: str) -> None:
+    with pytest.raises(AddressError, match="is not an IP address"):
+        parse_ip(text)
 
 
 def test_host_port_defaults() -> None:
