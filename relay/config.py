@@ -8,12 +8,14 @@ expected form. Nothing here opens sockets, configures logging or exits.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from relay.address import (
+    DURATION_FORM,
     AddressError,
     HostPort,
     PortMap,
@@ -73,6 +75,9 @@ class Config:
     loop: LoopName = "auto"
     config_file: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # metrics came from a source rather than the default: a taken default port is then no reason to stop
+    # (two socat-style relays in one namespace), a taken explicit one is.
+    metrics_explicit: bool = field(default=False, compare=False)
 
 
 # --- converters: raw value (str from env/CLI, any YAML scalar or list) -> typed value ---------------
@@ -85,11 +90,15 @@ def _text(value: object) -> str:
 
 
 def _duration(value: object) -> float:
-    return parse_duration(_text(value))
+    text = _text(value)
+    if text.strip().startswith("-"):
+        raise AddressError(f"{value!r} is negative; {DURATION_FORM}")
+    return parse_duration(text)
 
 
 def _positive_duration(value: object) -> float:
-    seconds = _duration(value)
+    text = _text(value).strip()
+    seconds = -1.0 if text.startswith("-") else _duration(value)  # -1 gets the same message as 0
     if seconds <= 0:
         raise AddressError(f"{value!r} must be more than zero; expected a duration like 250ms, 5s or 1m")
     return seconds
@@ -249,6 +258,9 @@ class Raw:
 
     value: object
     source: str
+    # For a list of mappings from a file (routes:): per entry, where it starts and where each key is,
+    # so an error points at the bad key's own line.
+    entries: tuple[tuple[str, dict[str, str]], ...] = field(default=(), compare=False)
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -304,14 +316,35 @@ def from_file(path: str) -> dict[str, Raw]:
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{path}: the file must be a mapping of settings such as 'ports: \"5432\"'")
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    node_of = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
     raw: dict[str, Raw] = {}
     for key, value in data.items():
         where = f"{path}:{lines.get(key, '?')}: {key}"
         if key not in FILE_KEYS:
             hint = _did_you_mean(str(key), list(FILE_KEYS))
             raise ConfigError(f"{where}: unknown key{hint}; known keys: {', '.join(FILE_KEYS)}")
-        raw[str(key)] = Raw(value, where)
+        raw[str(key)] = Raw(value, where, _entry_lines(path, str(key), node_of.get(key)))
     return raw
+
+
+def _entry_lines(path: str, key: str, node: object) -> tuple[tuple[str, dict[str, str]], ...]:
+    """`path:LINE: key[i]` for each mapping in a YAML sequence node, and the same for each of its keys."""
+    import yaml
+
+    if not isinstance(node, yaml.SequenceNode):
+        return ()
+    found = []
+    for index, item in enumerate(node.value):
+        where = f"{path}:{item.start_mark.line + 1}: {key}[{index}]"
+        keys = {}
+        if isinstance(item, yaml.MappingNode):
+            keys = {
+                str(k.value): f"{path}:{k.start_mark.line + 1}: {key}[{index}]"
+                for k, _ in item.value
+                if isinstance(k, yaml.ScalarNode)
+            }
+        found.append((where, keys))
+    return tuple(found)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -353,40 +386,53 @@ def build(
     sources = [raw["ports"].source] * len(routes) if routes else []
     if "routes" in raw:
         explicit = _routes(raw["routes"], base)
-        routes.extend(explicit)
-        sources.extend(f"{raw['routes'].source}[{i}]" for i in range(len(explicit)))
+        routes.extend(route for route, _ in explicit)
+        sources.extend(where for _, where in explicit)
     if not routes and need_routes:
         raise ConfigError(
             "no ports to forward: set RELAY_PORTS (e.g. RELAY_PORTS=5432), --ports, 'ports:' in the "
             "config file, or give socat-style arguments (tcp-listen:8000 tcp:host.docker.internal:8000)"
         )
     _check_unique(routes, sources)
-    return Config(**{**values, "routes": tuple(routes)}, config_file=config_file, warnings=warnings)
+    _check_not_itself(routes, sources)
+    return Config(
+        **{**values, "routes": tuple(routes)},
+        config_file=config_file,
+        warnings=warnings,
+        metrics_explicit="metrics" in raw,
+    )
 
 
-def _routes(item: Raw, base: Config) -> list[Route]:
+def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
+    """The explicit routes, each with where it was written (its own line in a file)."""
     if not isinstance(item.value, list):
         raise ConfigError(f"{item.source}: expected a list of routes, each with listen and target")
     routes = []
     for index, entry in enumerate(item.value):
-        where = f"{item.source}[{index}]"
+        where, keys = item.entries[index] if index < len(item.entries) else (f"{item.source}[{index}]", {})
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a mapping with name, listen and target")
         for key in entry:
             if key not in ROUTE_KEYS:
                 hint = _did_you_mean(str(key), list(ROUTE_KEYS))
-                raise ConfigError(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(ROUTE_KEYS)}")
+                known = ", ".join(ROUTE_KEYS)
+                raise ConfigError(
+                    f"{keys.get(str(key), where)}: unknown key {key!r}{hint}; known keys: {known}"
+                )
         for key in ("listen", "target"):
             if key not in entry:
                 raise ConfigError(f"{where}: missing {key!r}")
         try:
             listen = _route_listen(entry["listen"], base.listen)
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('listen', where)}: {err}") from None
+        try:
             target = parse_hostport(_text(entry["target"]), default_port=listen[0].port)
             target_host = _target(target.host)
         except AddressError as err:
-            raise ConfigError(f"{where}: {err}") from None
+            raise ConfigError(f"{keys.get('target', where)}: {err}") from None
         name = str(entry.get("name") or f"tcp/{listen[0].port}")
-        routes.append(Route(name, listen, target_host, target.port))
+        routes.append((Route(name, listen, target_host, target.port), where))
     return routes
 
 
@@ -427,6 +473,51 @@ def _check_unique(routes: list[Route], sources: list[str]) -> None:
                         "each listen port may be used once"
                     )
             seen.append((hp, source))
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+def lands_on(address: str, port: int, listen: HostPort) -> bool:
+    """Whether connecting to address:port (an IP, or a loopback name) reaches the listen socket `listen`.
+
+    Only what is known without asking the kernel: the same address, a wildcard listener reached over
+    loopback, and 0.0.0.0 / :: as a destination (Linux connects those to loopback). A non-loopback address
+    of this host reaching a wildcard listener is caught at run time (connection.py).
+    """
+    if port != listen.port:
+        return False
+    if address.lower() in LOOPBACK_NAMES:
+        return lands_on("127.0.0.1", port, listen) or lands_on("::1", port, listen)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    here = str(ip)
+    if here == listen.host:
+        return True
+    wildcard, loopback = ("0.0.0.0", "127.0.0.1") if ip.version == 4 else ("::", "::1")
+    if listen.host == wildcard:
+        return ip.is_loopback or ip.is_unspecified
+    return ip.is_unspecified and listen.host == loopback
+
+
+def _check_not_itself(routes: list[Route], sources: list[str]) -> None:
+    """A route whose target is one of the relay's own listen sockets would forward each connection back
+    into the relay, which forwards it again, until max_connections is exhausted."""
+    for route, source in zip(routes, sources, strict=True):
+        for other in routes:
+            for hp in other.listen:
+                if lands_on(route.target, route.target_port, hp):
+                    whose = "its own" if other is route else f"route {other.name}'s"
+                    target = format_hostport(route.target, route.target_port)
+                    raise ConfigError(
+                        f"{source}: route {route.name} forwards to {target}, which is {whose} listen address "
+                        f"{hp}: every connection would come back into the relay in a loop; expected a target "
+                        "that is not this relay (auto for the Docker host, another host, or another port)"
+                    )
 
 
 def load(

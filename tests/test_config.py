@@ -287,3 +287,111 @@ def test_readme_documents_every_env_var_and_flag() -> None:
     for opt in OPTIONS:
         assert f"`{opt.env}`" in readme, opt.env
         assert f"`{opt.flag}`" in readme, opt.flag
+
+
+# --- first contact (issue 9) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (  # the README's own example: the default listen addresses, target 127.0.0.1, same port
+            {"RELAY_PORTS": "5432", "RELAY_TARGET": "127.0.0.1"},
+            "RELAY_PORTS: route tcp/5432 forwards to 127.0.0.1:5432, which is its own listen address "
+            "127.0.0.1:5432: every connection would come back into the relay in a loop",
+        ),
+        (
+            {"RELAY_PORTS": "5432", "RELAY_TARGET": "localhost"},
+            "route tcp/5432 forwards to localhost:5432, which is its own listen address 127.0.0.1:5432",
+        ),
+        (  # a wildcard listener is reached over loopback
+            {"RELAY_PORTS": "8000", "RELAY_LISTEN": "0.0.0.0", "RELAY_TARGET": "127.0.0.2"},
+            "forwards to 127.0.0.2:8000, which is its own listen address 0.0.0.0:8000",
+        ),
+        (  # 0.0.0.0 as a destination is loopback on Linux
+            {"RELAY_PORTS": "8000", "RELAY_TARGET": "0.0.0.0"},
+            "forwards to 0.0.0.0:8000, which is its own listen address 127.0.0.1:8000",
+        ),
+        (
+            {"RELAY_PORTS": "8000", "RELAY_LISTEN": "::", "RELAY_TARGET": "::1"},
+            "forwards to [::1]:8000, which is its own listen address [::]:8000",
+        ),
+        (  # one route into another's listener
+            {"RELAY_PORTS": "7000:7001 7001:7000", "RELAY_TARGET": "127.0.0.1"},
+            "route tcp/7000 forwards to 127.0.0.1:7001, which is route tcp/7001's listen address",
+        ),
+    ],
+)
+def test_a_route_that_targets_the_relay_itself_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load({}, env)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"RELAY_PORTS": "5432:5433", "RELAY_TARGET": "127.0.0.1"},  # another port
+        {"RELAY_PORTS": "5432", "RELAY_TARGET": "127.0.0.2"},  # listening on 127.0.0.1 only
+        {"RELAY_PORTS": "5432", "RELAY_LISTEN": "::1", "RELAY_TARGET": "127.0.0.1"},  # other family
+        {"RELAY_PORTS": "5432", "RELAY_LISTEN": "0.0.0.0", "RELAY_TARGET": "172.17.0.1"},  # unknown here
+        {"RELAY_PORTS": "5432", "RELAY_TARGET": "host.docker.internal"},
+    ],
+)
+def test_targets_that_are_not_the_relay_are_accepted(env: dict[str, str]) -> None:
+    assert load({}, env).routes
+
+
+def test_a_self_targeting_route_in_a_file_names_the_route(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "listen: 127.0.0.1\nroutes:\n  - name: db\n    listen: 6000\n    target: localhost\n"
+    )
+    with pytest.raises(ConfigError, match=r":3: routes\[0\]: route db forwards to localhost:6000"):
+        load({}, {}, path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (  # the bad key's own line (5), not the `routes:` line (1)
+            "routes:\n  - listen: 6000\n    target: x:1\n  - listen: 6001\n    tagret: y\n",
+            ":5: routes[1]: unknown key 'tagret' (did you mean 'target'?)",
+        ),
+        (
+            "routes:\n  - name: a\n    listen: nope:6000\n    target: x:1\n",
+            ":3: routes[0]: 'nope' is not an IP",
+        ),
+        ("routes:\n  - name: a\n    listen: 6000\n    target: 'bad host'\n", ":4: routes[0]: 'bad host'"),
+        ("ports: '80'\nroutes:\n\n  - name: a\n    listen: 6000\n", ":4: routes[0]: missing 'target'"),
+        (
+            "ports: '6000'\nroutes:\n  - {listen: 7000, target: 'x:1'}\n  - {listen: 6000, target: 'x:1'}\n",
+            ":4: routes[1]: listen port 6000",
+        ),
+    ],
+)
+def test_errors_inside_routes_point_at_their_own_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load({}, {}, path)
+    assert str(err.value).startswith(f"{path}{message}"), str(err.value)
+
+
+@pytest.mark.parametrize("value", ["-1", "-1s", "-250ms", "0", "0s"])
+def test_a_negative_or_zero_connect_timeout_has_one_message(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load({"connect_timeout": Raw(value, "--connect-timeout")}, {"RELAY_PORTS": "80"})
+    assert str(err.value) == (
+        f"--connect-timeout: {value!r} must be more than zero; expected a duration like 250ms, 5s or 1m"
+    )
+
+
+def test_negative_optional_durations_say_negative() -> None:
+    with pytest.raises(ConfigError, match=r"^RELAY_IDLE_TIMEOUT: '-5s' is negative; expected a duration"):
+        load({}, {"RELAY_PORTS": "80", "RELAY_IDLE_TIMEOUT": "-5s"})
+
+
+def test_the_config_knows_whether_metrics_was_set() -> None:
+    assert not load({}, {"RELAY_PORTS": "80"}).metrics_explicit
+    assert load({}, {"RELAY_PORTS": "80", "RELAY_METRICS": "0.0.0.0:9464"}).metrics_explicit
+    assert load({"metrics": Raw("9000", "--metrics")}, {"RELAY_PORTS": "80"}).metrics_explicit
