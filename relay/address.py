@@ -164,8 +164,9 @@ def _hostport(text: str, default_port: int | None) -> HostPort:
     return HostPort(host, port)
 
 
+# \Z, not $: $ also matches before a final line break, which let 'db\n' through as a host name.
 _HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?$"
+    r"^(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?\Z"
 )
 
 

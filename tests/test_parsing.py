@@ -103,6 +103,7 @@ def test_host_port(text: str, expected: HostPort) -> None:
         # ipaddress takes any text as an IPv6 zone, spaces and line breaks included.
         ("[fe80::1%a b]:80", "is not a valid [IPv6]:PORT"),
         ("[::1%\n]:80", "is not a valid [IPv6]:PORT"),
+        ("db\n:80", "is not a host name or IP address"),  # $ matched before the line break
     ],
 )
 def test_bad_host_port(text: str, message: str) -> None:
