@@ -1,7 +1,8 @@
 """argv and environment -> Config -> event loop -> Server. The only place that picks exit codes.
 
 Exit codes: 0 clean stop, 1 runtime failure (a port already in use), 2 bad configuration (one line on
-stderr naming the source, the value and the expected form; no traceback).
+stderr naming the source, the value and the expected form; no traceback), 75 the app container restarted
+(EX_TEMPFAIL: Docker's restart policy starts the relay again in the app's new network namespace).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from relay import __version__, logs, socat
 from relay.config import OPTIONS, Config, ConfigError, Raw, load
 
+if TYPE_CHECKING:
+    from relay.server import Server
+
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+EXIT_APP_RESTARTED = 75
 COMMANDS = ("run", "check", "healthcheck")
 
 
@@ -95,7 +100,6 @@ def run_on_loop(factory: Callable[[], asyncio.AbstractEventLoop], main: Coroutin
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    from relay.listener import ListenError
     from relay.server import Server
 
     argv = sys.argv[1:] if argv is None else argv
@@ -117,15 +121,22 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return healthcheck(config)
 
     async def serve() -> int:
-        server = Server(config, reload=reload)
-        try:
-            await server.serve()
-        except ListenError as err:
-            logs.log.error("%s", err)
-            return EXIT_FAILURE
-        return EXIT_OK
+        return await run_server(Server(config, reload=reload))
 
     return run_on_loop(factory, serve())
+
+
+async def run_server(server: Server) -> int:
+    """Serve until stopped; the exit code says why it stopped."""
+    from relay.listener import ListenError
+    from relay.netwatch import APP_RESTARTED
+
+    try:
+        await server.serve()
+    except ListenError as err:
+        logs.log.error("%s", err)
+        return EXIT_FAILURE
+    return EXIT_APP_RESTARTED if server.exit_reason == APP_RESTARTED else EXIT_OK
 
 
 if __name__ == "__main__":

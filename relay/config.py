@@ -33,6 +33,7 @@ AUTO = "auto"
 DEFAULT_METRICS = HostPort("0.0.0.0", 9464)
 
 LoopName = Literal["auto", "asyncio", "uvloop"]
+AppWatchMode = Literal["auto", "on", "off"]
 Family = Literal["any", "ipv4", "ipv6"]
 
 
@@ -73,6 +74,7 @@ class Config:
     metrics: HostPort | None = DEFAULT_METRICS
     drain_timeout: float = 5.0
     loop: LoopName = "auto"
+    app_watch: AppWatchMode = "auto"
     config_file: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # metrics came from a source rather than the default: a taken default port is then no reason to stop
@@ -190,6 +192,13 @@ def _metrics(value: object) -> HostPort | None:
     return HostPort(parse_ip(hp.host, "expected IP:PORT, PORT or off"), hp.port)
 
 
+def _app_watch(value: object) -> str:
+    """auto, on or off; YAML reads a bare on/off as a boolean."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _choice("auto", "on", "off")(value)
+
+
 def _log_level(value: object) -> str:
     return _choice("debug", "info", "warning", "error")(value)
 
@@ -244,6 +253,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("drain_timeout", _duration, "on SIGTERM, wait this long for connections (default 5s)", "DURATION"),
     Option(
         "loop", _choice("auto", "asyncio", "uvloop"), "event loop (default auto: uvloop if installed)", "LOOP"
+    ),
+    Option(
+        "app_watch",
+        _app_watch,
+        "exit with code 75 when the app container restarts, so Docker restarts the relay in its new "
+        "network namespace: auto (in Docker only), on or off (default auto)",
+        "MODE",
     ),
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}

@@ -21,6 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from relay import __version__
+from relay.netwatch import APP_REMOVED, STRANDED
 from relay.stats import CLOSE_REASONS, CONNECT_ERRORS, Histogram
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class RelayCollector(Collector):
         yield from (accepted, active, closed, errors, bytes_total, connect, duration)
         yield self._listeners()
         yield self._targets()
+        yield from self._app_watch()
         build = InfoMetricFamily("relay_build", "relay-sidecar build", labels=[])
         build.add_metric([], {"version": __version__})
         yield build
@@ -96,6 +98,21 @@ class RelayCollector(Collector):
                     {"target": resolver.target, "address": ",".join(last.addresses), "source": last.source},
                 )
         return info
+
+    def _app_watch(self) -> Iterator[Metric]:
+        """Whether the app watch runs, and whether the relay is stranded in a namespace the app left."""
+        server = self.server
+        watching = GaugeMetricFamily(
+            "relay_app_watch", "1 while the relay follows the app container's restarts (app_watch)"
+        )
+        watching.add_metric([], 1 if server.app_watch is not None else 0)
+        stranded = GaugeMetricFamily(
+            "relay_stranded",
+            "1 while stranded: the namespace lost its interfaces, or the app container was removed",
+        )
+        stranded.add_metric([], 1 if STRANDED in server.problems or APP_REMOVED in server.problems else 0)
+        yield from (watching, stranded)
+
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:

@@ -10,6 +10,8 @@ Rules:
 4. Reload (SIGHUP): build the new config first; if it is bad, log one error and keep the old one.
    Otherwise stop listening for removed routes (their connections finish on their own), start added
    ones, and leave unchanged routes and their connections untouched.
+5. App watch (relay/netwatch.py): when the app container started again, serve() drains at once (its
+   connections belong to the old namespace) and returns with exit_reason APP_RESTARTED (exit code 75).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from relay.address import HostPort, format_hostport, is_loopback
 from relay.config import Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared
 from relay.listener import Listener, ListenError, bind_error, open_route
+from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
 from relay.upstream import HINTS, Lookup, ResolveError, Resolver
 
@@ -49,7 +52,12 @@ class ActiveRoute:
 
 class Server:
     def __init__(
-        self, config: Config, *, reload: Callable[[], Config] | None = None, lookup: Lookup | None = None
+        self,
+        config: Config,
+        *,
+        reload: Callable[[], Config] | None = None,
+        lookup: Lookup | None = None,
+        app_watch_file: str = HOSTNAME_FILE,  # tests only: the file the app watch follows
     ) -> None:
         self.config = config
         self._lookup = lookup
@@ -61,7 +69,12 @@ class Server:
         self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
         self.health: HealthServer | None = None
         self.health_address: HostPort | None = None  # as bound (the real port when 0 was asked for)
-        self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        # Signals, and stops the relay asks for itself (a reason string, e.g. APP_RESTARTED).
+        self._signals: asyncio.Queue[signal.Signals | str] = asyncio.Queue()
+        self.exit_reason: str | None = None  # set by stop(): why serve() returned without a signal
+        self._app_watch_file = app_watch_file
+        self.app_watch: AppWatch | None = None
+        self._app_watch_task: asyncio.Task[None] | None = None
 
     # --- reading state (metrics, health, tests) --------------------------------------------------------
 
@@ -186,19 +199,52 @@ class Server:
         for sig in SIGNALS:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         try:
+            self._start_app_watch()  # first: remember the app's /etc/hostname as early as possible
             await self.start()
             while True:
-                sig = await self._signals.get()
-                if sig == signal.SIGHUP:
+                got = await self._signals.get()
+                if got == signal.SIGHUP:
                     await self.reload()
                     continue
-                await self.drain(sig.name)
+                if isinstance(got, str):  # the app restarted: nothing in this namespace is worth a wait
+                    await self.drain(got, timeout=0.0)
+                else:
+                    await self.drain(got.name)
                 return
         finally:
+            await self._stop_app_watch()
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
 
-    async def drain(self, why: str = "stop") -> None:
+    def stop(self, reason: str) -> None:
+        """Make serve() drain and return, as SIGTERM does; `exit_reason` tells the CLI why."""
+        self.exit_reason = reason
+        self._signals.put_nowait(reason)
+
+    def _start_app_watch(self) -> None:
+        self.app_watch = start_watch(
+            self.config.app_watch,
+            self.problems,
+            lambda: self.stop(APP_RESTARTED),
+            hostname=self._app_watch_file,
+        )
+        if self.app_watch is not None:
+            self._app_watch_task = asyncio.ensure_future(self.app_watch.run())
+
+    async def _stop_app_watch(self) -> None:
+        task, self._app_watch_task = self._app_watch_task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.error("app watch failed: %r", task.exception())
+
+
+    async def drain(self, why: str = "stop", timeout: float | None = None) -> None:
+        """`timeout` (default: drain_timeout) bounds the wait for live connections."""
+        limit = self.config.drain_timeout if timeout is None else timeout
+        await self._stop_app_watch()
         shared = self.shared
         shared.drained = asyncio.Event()  # from here on: readiness false, late accepts refused
         self._close_listeners(list(self.routes))
@@ -206,23 +252,19 @@ class Server:
             "%s: stopped listening; draining %d connection(s), up to %gs",
             why,
             len(self.connections),
-            self.config.drain_timeout,
+            limit,
         )
         if shared.connections:
             waiter = asyncio.ensure_future(shared.drained.wait())
             second = asyncio.ensure_future(self._second_signal())
-            await asyncio.wait(
-                {waiter, second}, timeout=self.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({waiter, second}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
             for task in (waiter, second):
                 task.cancel()
         left = list(shared.connections)
         for conn in left:
             conn.close("shutdown")
         if left:
-            log.warning(
-                "drain: closed %d connection(s) still open after %gs", len(left), self.config.drain_timeout
-            )
+            log.warning("drain: closed %d connection(s) still open after %gs", len(left), limit)
             if shared.connections:  # let the resets reach the kernel and the pairs finish
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(shared.drained.wait(), timeout=1.0)
