@@ -174,7 +174,9 @@ def check_host(host: str, form: str = "expected a host name or an IP address") -
     """A host name or IP literal (brackets stripped); raises for anything else."""
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if _is_ip(host) or _HOSTNAME.match(host):
+    # A name's last label is never all digits (RFC 3696 2): '5432' is a port put where the host goes,
+    # '10.0.0.256' a mistyped address; both would only fail later, at each connection's lookup.
+    if _is_ip(host) or (_HOSTNAME.match(host) and not host.rstrip(".").rpartition(".")[2].isdigit()):
         return host
     raise AddressError(f"{host!r} is not a host name or IP address; {form}")
 

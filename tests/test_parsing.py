@@ -104,6 +104,10 @@ def test_host_port(text: str, expected: HostPort) -> None:
         ("[fe80::1%a b]:80", "is not a valid [IPv6]:PORT"),
         ("[::1%\n]:80", "is not a valid [IPv6]:PORT"),
         ("db\n:80", "is not a host name or IP address"),  # $ matched before the line break
+        # Were taken as host names, to fail only at each connection's lookup.
+        ("10.0.0.256:80", "'10.0.0.256' is not a host name or IP address"),
+        ("5432:80", "'5432' is not a host name or IP address"),
+        ("1.2.3.:80", "'1.2.3.' is not a host name or IP address"),
     ],
 )
 def test_bad_host_port(text: str, message: str) -> None:
