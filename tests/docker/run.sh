@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real-Docker-engine test of relay-sidecar: the image and compose examples 1 and 2, in the topology
+# The real-Docker-engine test of relay-sidecar: the image, compose examples and the app restarts, in the topology
 # users have (the relay in the app container's network namespace, the services on the host across a
 # bridge). Linux, as root. Run by scripts/docker-test; prints `docker: N passed, M failed` last and exits
 # non-zero when anything failed.
@@ -21,7 +21,16 @@
 #     -- wait for the relay's `ready`, check its target line and `relay healthcheck`, run app_client.py in
 #     the app container (payload round trip and half-close over 127.0.0.1 and ::1 to every port), time
 #     `docker stop` of the relay (SIGTERM as PID 1), `down`.
-#  6. On exit, whatever happened: compose down, stop the services and dockerd by pid, unmount and remove
+#  6. The app restarts (many-ports again; the app has `restart: unless-stopped` from the override): `docker
+#     restart app`, `kill -9` of the app's process from here (the engine's restart policy restarts it) and
+#     `docker stop app; sleep 2; docker start app` (while stopped, the relay must keep running and its
+#     /readyz say `stranded`). Each time, with no manual step, an echo through the app's localhost:3000
+#     must work again within 8 s (a bounded probe loop from inside the app), by one relay restart after
+#     its `app restarted ... exit code 75` line. Prints how long after the app's start the relay started
+#     (Docker's StartedAt) and how long after the action localhost worked again (`rejoin:` lines).
+#  7. The holder example (tests/docker/override-holder.yaml): `docker restart app`; localhost:8000 works
+#     again and the relay never restarted.
+#  8. On exit, whatever happened: compose down, stop the services and dockerd by pid, unmount and remove
 #     the run folder, delete the bridges and cgroups the engine made, restore ip_forward and the bridge
 #     sysctls, and check that the firewall rules are as they were. A run also clears what an aborted
 #     earlier run left (its engine, container processes, mounts, bridges).
@@ -42,16 +51,17 @@ STOP_LIMIT_MS=1000
 
 passed=0
 failed=0
-started=$(date +%s)
+RUN_STARTED=$(date +%s)
 RUN=""
 DOCKERD_PID=""
 DOCKER0_OURS=0
 BG_PIDS=()
 PROJECTS=()
+REJOIN=()
 SYSCTL_SAVED=()
 FIREWALL_BEFORE=""
 
-log() { printf '== [%3d s] %s\n' "$(($(date +%s) - started))" "$*"; }
+log() { printf '== [%3d s] %s\n' "$(($(date +%s) - RUN_STARTED))" "$*"; }
 pass() { passed=$((passed + 1)); printf 'PASS %s\n' "$1"; }
 fail() {
     failed=$((failed + 1))
@@ -225,7 +235,7 @@ cleanup() {
         fi
     fi
     [ "$status" -ne 0 ] && [ "$failed" -eq 0 ] && fail "run: stopped early with status $status (see above)"
-    echo "docker test took $(($(date +%s) - started)) s"
+    echo "docker test took $(($(date +%s) - RUN_STARTED)) s"
     echo "docker: $passed passed, $failed failed"
     if [ "$failed" -eq 0 ]; then exit 0; fi
     exit 1 # (a bare `exit` in an EXIT trap would return the status from before the trap)
@@ -377,15 +387,16 @@ compose() { # compose PROJECT ARGS...: the example's file (made Compose-v1-loada
     local project=$1
     shift
     RELAY_TEST_BASE_IMAGE=$BASE_IMAGE RELAY_TEST_IMAGE=$RELAY_IMAGE RELAY_TEST_DNS=$DOCKER0_IP \
-        timeout 120 "${COMPOSE[@]}" -p "$project" -f "$RUN/$project.compose.yaml" -f "$HERE/override.yaml" "$@"
+        timeout 120 "${COMPOSE[@]}" -p "$project" -f "$RUN/$project.compose.yaml" -f "$RUN/$project.override.yaml" "$@"
 }
 
 compose_down() {
     compose "$1" down -t 1 --remove-orphans > /dev/null 2>&1 || true
 }
 
-compose_up() { # compose_up PROJECT EXAMPLE
+compose_up() { # compose_up PROJECT EXAMPLE [OVERRIDE]: OVERRIDE defaults to tests/docker/override.yaml
     local project=$1 example=$REPO/compose-examples/$2/compose.yaml
+    cp "${3:-$HERE/override.yaml}" "$RUN/$project.override.yaml"
     if [[ $COMPOSE_VERSION == 1.* ]]; then
         "$PY" "$HERE/compose_v1.py" "$example" "$RUN/$project.compose.yaml"
     else
@@ -508,6 +519,134 @@ $(relay_logs "$relay")"
 }
 
 # ---------------------------------------------------------------------------------------------------
+# The app restarts (issue 8, part 3): the relay must follow it into its new network namespace
+
+# Run in the app container: one echo round trip through localhost:PORT (the host service's `E` mode).
+PROBE='import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1) as s:
+    s.settimeout(1)
+    s.sendall(b"Eping")
+    got = b""
+    while len(got) < 4 and (data := s.recv(16)):
+        got += data
+sys.exit(got != b"ping")'
+
+wait_for_localhost() { # wait_for_localhost APP PORT T0_MS LIMIT_MS: until localhost:PORT works from the app
+    local app=$1 port=$2 t0=$3 limit=$4 i
+    for ((i = 0; i < 300; i++)); do # bounded in count and in time
+        if timeout 3 docker exec "$app" python3 -c "$PROBE" "$port" > /dev/null 2>&1; then
+            BACK_MS=$(($(now_ms) - t0))
+            return 0
+        fi
+        [ $(($(now_ms) - t0)) -gt "$limit" ] && break
+        sleep 0.1
+    done
+    BACK_MS=$(($(now_ms) - t0))
+    return 1
+}
+
+started_ms() { date -d "$(docker inspect -f '{{.State.StartedAt}}' "$1")" +%s%3N; }
+
+relay_state() { # what a failure report needs: the relay's state, interfaces and last log lines
+    docker inspect -f 'relay: running={{.State.Running}} exit={{.State.ExitCode}} restarts={{.RestartCount}} error={{.State.Error}}' "$1"
+    docker exec "$1" cat /proc/net/dev 2>&1 | awk 'NR > 2 { print "interface " $1 }'
+    relay_logs "$1"
+}
+
+app_restart_case() { # app_restart_case HOW APP RELAY: the app starts again one way; localhost must follow
+    local how=$1 app=$2 relay=$3 restarts t0 gap output
+    restarts=$(docker inspect -f '{{.RestartCount}}' "$relay")
+    case $how in
+        "docker restart")
+            docker restart -t 1 "$app" > /dev/null
+            t0=$(now_ms)
+            ;;
+        "kill -9")
+            t0=$(now_ms)
+            kill -KILL "$(docker inspect -f '{{.State.Pid}}' "$app")"
+            ;;
+        "docker stop, start")
+            docker stop -t 1 "$app" > /dev/null
+            sleep 2
+            # Stranded meanwhile: still running (an exit now could never rejoin a stopped app), and saying so.
+            output=$(timeout 20 docker exec "$relay" relay healthcheck 2>&1) && output="exit 0: $output"
+            if [ "$(docker inspect -f '{{.State.Running}}' "$relay")" = true ] && [[ $output == *stranded* ]]; then
+                pass "app stopped: the relay keeps running and its /readyz says why: ${output:0:90}..."
+            else
+                fail "app stopped: relay running with a 'stranded' reason in /readyz" "$output
+$(relay_state "$relay")"
+            fi
+            docker start "$app" > /dev/null
+            t0=$(now_ms)
+            ;;
+    esac
+    if ! wait_for_localhost "$app" 3000 "$t0" 8000; then
+        fail "$how app: localhost:3000 through the relay did not work again within $BACK_MS ms" "$(relay_state "$relay")"
+        return 0
+    fi
+    gap=$(($(started_ms "$relay") - $(started_ms "$app")))
+    if [ "$(docker inspect -f '{{.RestartCount}}' "$relay")" -eq $((restarts + 1)) ] &&
+        [[ "$(docker logs "$relay" 2>&1)" == *"app restarted"*"exit code 75"* ]]; then
+        pass "$how app: relay exited 75 and restarted $gap ms after the app started; localhost:3000 works again $BACK_MS ms after '$how'"
+    else
+        fail "$how app: localhost works after $BACK_MS ms, but not by one relay restart after 'app restarted'" "$(relay_state "$relay")"
+    fi
+    REJOIN+=("$how: relay started $gap ms after the app, localhost back after $BACK_MS ms")
+}
+
+app_restarts() { # app_restarts PROJECT: many-ports, its app restarted three ways; no manual step
+    local project=$1 app relay output how
+    log "app restarts (many-ports)"
+    if ! compose_up "$project" many-ports; then
+        fail "app restarts: compose up"
+        return 0
+    fi
+    app=$(container "$project" app)
+    relay=$(container "$project" relay)
+    if ! start_host_services "$DOCKER0_IP" 3000 || ! wait_for_relay "$relay" || ! wait_for_localhost "$app" 3000 "$(now_ms)" 10000; then
+        fail "app restarts: first round trip through localhost:3000" "$(relay_state "$relay")"
+        return 0
+    fi
+    for how in "docker restart" "kill -9" "docker stop, start"; do
+        app_restart_case "$how" "$app" "$relay"
+    done
+    if output=$(run_client "$app" 4:3000:3000 6:3000:3000 2>&1); then
+        pass "app restarts: echo and half-close through localhost over 127.0.0.1 and ::1 after the restarts"
+    else
+        fail "app restarts: round trips after the restarts" "$output
+$(relay_state "$relay")"
+    fi
+    compose_down "$project"
+    stop_pid "${BG_PIDS[-1]}" 5
+}
+
+holder_layout() { # holder_layout PROJECT: app and relay in a holder's namespace; the relay never restarts
+    local project=$1 app relay relay_started t0
+    log "example holder"
+    if ! compose_up "$project" holder "$HERE/override-holder.yaml"; then
+        fail "holder: compose up"
+        return 0
+    fi
+    app=$(container "$project" app)
+    relay=$(container "$project" relay)
+    if ! start_host_services "$DOCKER0_IP" 8000 || ! wait_for_relay "$relay" || ! wait_for_localhost "$app" 8000 "$(now_ms)" 10000; then
+        fail "holder: first round trip through localhost:8000" "$(relay_state "$relay")"
+        return 0
+    fi
+    relay_started=$(docker inspect -f '{{.State.StartedAt}}' "$relay")
+    docker restart -t 1 "$app" > /dev/null
+    t0=$(now_ms)
+    if wait_for_localhost "$app" 8000 "$t0" 8000 &&
+        [ "$(docker inspect -f '{{.State.StartedAt}} {{.RestartCount}}' "$relay")" = "$relay_started 0" ]; then
+        pass "holder: after 'docker restart app' localhost:8000 works at once ($BACK_MS ms), the relay never restarted"
+    else
+        fail "holder: app restart, relay untouched and localhost:8000 working ($BACK_MS ms)" "$(relay_state "$relay")"
+    fi
+    compose_down "$project"
+    stop_pid "${BG_PIDS[-1]}" 5
+}
+
+# ---------------------------------------------------------------------------------------------------
 
 main() {
     install_missing
@@ -555,6 +694,10 @@ main() {
     example many-ports "relaytest$$b" docker0 "3000 5433 8000 8001 8002" \
         4:3000:3000 6:3000:3000 4:8000:8000 6:8000:8000 4:8001:8001 6:8001:8001 4:8002:8002 6:8002:8002 \
         4:5432:5433 6:5432:5433
+    app_restarts "relaytest$$c"
+    holder_layout "relaytest$$d"
+    local line
+    for line in "${REJOIN[@]}"; do echo "rejoin: $line"; done
 }
 
 trap cleanup EXIT
