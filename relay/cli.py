@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -28,22 +29,84 @@ COMMANDS = ("run", "check", "healthcheck")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"command line: {message}; see 'relay --help'")
+        raise ConfigError(f"command line: {message}; see '{self.prog} --help'")
 
 
-def build_parser() -> argparse.ArgumentParser:
+PRECEDENCE = (
+    "Every option has an environment variable RELAY_<NAME> (e.g. RELAY_PORTS); the command line wins over "
+    "the environment, which wins over the config file."
+)
+SOCAT_HELP = """socat-style arguments (a compose file written for alpine/socat only swaps its image):
+  relay [-d...] [-b N] [-t S] [-T S] [-4|-6] TCP-LISTEN:PORT[,opts] TCP:HOST:PORT[,opts]
+  -d          keep info logs; -d -d logs every connection
+  -b N        accepted, no effect (reads are up to 256 KiB)
+  -t S        close a half-closed connection after S seconds (socat's default 0.5 s is not applied)
+  -T S        idle timeout: close a connection idle for S seconds
+  -4, -6      reach the target over IPv4 / IPv6 only
+  -v, -x      ignored with a warning (data dumps)
+  listen options: fork, reuseaddr, reuseport, bind=IP, backlog=N, max-children=N, keepalive, nodelay
+  connect options: connect-timeout=S, retry=N, interval=S, forever, keepalive, nodelay"""
+# command -> (one line for the command list, description, epilog)
+COMMAND_HELP = {
+    "run": (
+        "forward localhost ports to the Docker host (the default)",
+        "Forward localhost ports to the Docker host (the default command).",
+        f"{PRECEDENCE}\n\n{SOCAT_HELP}",
+    ),
+    "check": (
+        "show the configuration and why each target does or does not answer",
+        "Show the configuration as understood and how each target resolves, then probe every target port "
+        "and print the likely cause and fix of each failure. Exit 0 when every target answers, 1 when one "
+        "does not, 2 on a configuration error.",
+        PRECEDENCE,
+    ),
+    "healthcheck": (
+        "ask a running relay's /readyz (the image's HEALTHCHECK)",
+        "Ask the running relay's /readyz at the metrics address (RELAY_METRICS, default 0.0.0.0:9464); exit "
+        "0 when it is ready, 1 when not or when nothing answers. The image's HEALTHCHECK runs this.",
+        PRECEDENCE,
+    ),
+}
+HEALTHCHECK_KEYS = {"metrics"}
+HELP_WIDTH = 100
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for one command; without a command, `relay`'s own (run, plus the list of commands)."""
+    _, description, epilog = COMMAND_HELP[command or "run"]
+    description = textwrap.fill(description, HELP_WIDTH)
+    epilog = "\n\n".join(
+        textwrap.fill(part, HELP_WIDTH) if "\n" not in part else part for part in epilog.split("\n\n")
+    )
+    if command is None:
+        prog = "relay"
+        usage = "relay [run|check|healthcheck] [options]  |  relay [-d] TCP-LISTEN:PORT[,opts] TCP:HOST:PORT"
+        description = (
+            "Forward localhost ports to the Docker host.\n\ncommands (each has its own --help):\n"
+            + ("\n".join(f"  {name:<12} {COMMAND_HELP[name][0]}" for name in COMMANDS))
+        )
+    else:
+        prog, usage = f"relay {command}", None
     parser = _Parser(
-        prog="relay",
-        usage="relay [run|check|healthcheck] [options]  |  relay [-d] TCP-LISTEN:PORT[,opts] TCP:HOST:PORT",
+        prog=prog,
+        usage=usage,
         allow_abbrev=False,
-        description="Forward localhost ports to the Docker host. Also accepts socat's arguments: "
-        "relay -d tcp-listen:8000,fork,reuseaddr tcp-connect:host.docker.internal:8000",
-        epilog="Every option has an environment variable RELAY_<NAME> (e.g. RELAY_PORTS); command line wins "
-        "over environment, which wins over the config file. Commands: run (default), check, healthcheck.",
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="PATH", help="YAML config file (env RELAY_CONFIG)")
     for opt in OPTIONS:
-        parser.add_argument(opt.flag, dest=opt.key, metavar=opt.metavar, help=f"{opt.help} (env {opt.env})")
+        shown = command != "healthcheck" or opt.key in HEALTHCHECK_KEYS
+        parser.add_argument(
+            opt.flag,
+            dest=opt.key,
+            metavar=opt.metavar,
+            # A yes/no setting also works as a bare flag: `--keepalive` is `--keepalive on`.
+            nargs="?" if opt.metavar == "BOOL" else None,
+            const="on" if opt.metavar == "BOOL" else None,
+            help=f"{opt.help} (env {opt.env})" if shown else argparse.SUPPRESS,
+        )
     parser.add_argument("-d", "--debug", action="store_true", help="log every connection (log level debug)")
     parser.add_argument("--version", action="version", version=f"relay-sidecar {__version__}")
     return parser
@@ -60,8 +123,9 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[str, Config,
         command, config_path = "run", None
         notes = parsed.notes
     else:
-        command = args.pop(0) if args and args[0] in COMMANDS else "run"
-        ns = build_parser().parse_args(args)
+        named = args.pop(0) if args and args[0] in COMMANDS else None
+        command = named or "run"
+        ns = build_parser(named).parse_args(args)
         cli = {
             opt.key: Raw(getattr(ns, opt.key), opt.flag)
             for opt in OPTIONS

@@ -246,7 +246,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("keepalive", _bool, "SO_KEEPALIVE on both sockets (default off)", "BOOL"),
     Option("backlog", _int_in(1, 65535), "listen backlog (default 1024)", "N"),
     Option("reuseport", _bool, "SO_REUSEPORT on listeners (default off)", "BOOL"),
-    Option("family", _choice("any", "ipv4", "ipv6"), "address family for the target (default any)", "FAMILY"),
+    Option(
+        "family",
+        _choice("any", "ipv4", "ipv6"),
+        "reach the target over any, ipv4 or ipv6 (default any)",
+        "{any,ipv4,ipv6}",
+    ),
     Option("log_level", _log_level, "debug, info, warning or error (default info)", "LEVEL"),
     Option("log_format", _choice("text", "json"), "text or json (default text)", "FORMAT"),
     Option("metrics", _metrics, "metrics and health HTTP address, or off (default 0.0.0.0:9464)", "ADDR"),

@@ -228,3 +228,86 @@ def test_low_open_file_limit_caps_connections_instead_of_failing() -> None:
             time.sleep(0.05)
         assert relay.proc.poll() is None
         assert relay.stop() == 0
+
+
+# --- help (issue 9) -----------------------------------------------------------------------------------------
+
+
+def test_top_level_help_lists_commands_socat_flags_and_choices() -> None:
+    result = run_relay(["--help"])
+    assert result.returncode == 0
+    out = result.stdout
+    assert out.startswith("usage: relay [run|check|healthcheck]")
+    for command in ("run", "check", "healthcheck"):
+        assert f"\n  {command} " in out
+    for flag in ("-d ", "-b N", "-t S", "-T S", "-4, -6"):
+        assert f"\n  {flag}" in out, flag
+    assert "--family {any,ipv4,ipv6}" in out
+    assert "--keepalive [BOOL]" in out
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ("check", "probe every target port"),
+        ("healthcheck", "/readyz"),
+        ("run", "Forward localhost ports to the Docker host (the default command)"),
+    ],
+)
+def test_each_command_has_its_own_help(command: str, says: str) -> None:
+    result = run_relay([command, "--help"])
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: relay {command} ")
+    assert says in " ".join(result.stdout.split())
+    assert "commands (each has its own --help)" not in result.stdout
+
+
+def test_healthcheck_help_shows_only_what_it_reads() -> None:
+    out = run_relay(["healthcheck", "--help"]).stdout
+    assert "--metrics ADDR" in out and "--config PATH" in out
+    assert "--ports" not in out and "--idle-timeout" not in out
+
+
+def test_a_subcommand_error_points_at_its_own_help() -> None:
+    result = run_relay(["check", "--prots", "80"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "relay: error: command line: unrecognized arguments: --prots 80; see 'relay check --help'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "keepalive", "reuseport"),
+    [
+        (["--keepalive"], True, False),
+        (["--keepalive", "--reuseport"], True, True),
+        (["--keepalive", "off", "--reuseport", "yes"], False, True),
+        (["--reuseport", "--keepalive", "false"], False, True),
+        ([], False, False),
+    ],
+)
+def test_yes_no_options_work_as_bare_flags(args: list[str], keepalive: bool, reuseport: bool) -> None:
+    from relay.cli import parse
+
+    _, config, _ = parse([*args, "--ports", "80", "--target", "example.test"], {})
+    assert (config.keepalive, config.reuseport) == (keepalive, reuseport)
+
+
+def test_readme_defaults_match_the_help() -> None:
+    """The README's configuration table gives each option the default its --help states."""
+    import re
+
+    from relay.config import OPTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {
+        cells[1].split("`")[1]: cells[3].strip()
+        for line in readme.splitlines()
+        if line.startswith("| `RELAY_") and len(cells := line.split("|")) > 4
+    }
+    for opt in OPTIONS:
+        stated = re.search(r"\(default ([^)]*)\)", opt.help)
+        if stated is None or opt.env not in rows:  # a missing row: test_readme_documents_every_env_var...
+            continue
+        default = stated.group(1).split(" ")[0].rstrip(":")
+        assert rows.get(opt.env) == f"`{default}`", (opt.env, rows.get(opt.env), default)
