@@ -26,6 +26,7 @@ from relay.address import (
     parse_ip,
     parse_port,
     parse_ports,
+    whole_number,
 )
 
 DEFAULT_LISTEN = ("127.0.0.1", "::1")
@@ -119,10 +120,10 @@ def _optional_duration(value: object) -> float | None:
 
 def _int_in(lo: int, hi: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
-        text = _text(value).strip()
-        if not text.isdigit() or not lo <= int(text) <= hi:
+        number = whole_number(_text(value).strip(), hi)
+        if number is None or number < lo:
             raise AddressError(f"{value!r} is not a whole number from {lo} to {hi}")
-        return int(text)
+        return number
 
     return convert
 

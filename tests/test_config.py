@@ -122,6 +122,13 @@ def test_unknown_relay_variable_warns_with_suggestion_but_kubernetes_links_do_no
             {"RELAY_PORTS": "80", "RELAY_MAX_CONNECTIONS": "-1"},
             "RELAY_MAX_CONNECTIONS: '-1' is not a whole number",
         ),
+        # str.isdigit() says yes to these; int() refused them with a bare ValueError, or read '٣' as 3.
+        ({"RELAY_PORTS": "80", "RELAY_BACKLOG": "²"}, "RELAY_BACKLOG: '²' is not a whole number from 1 to"),
+        ({"RELAY_PORTS": "80", "RELAY_BACKLOG": "٣"}, "RELAY_BACKLOG: '٣' is not a whole number from 1 to"),
+        (
+            {"RELAY_PORTS": "80", "RELAY_MAX_CONNECTIONS": "9" * 5000},
+            "9' is not a whole number from 1 to 1000000",
+        ),
         ({"RELAY_PORTS": "80", "RELAY_KEEPALIVE": "maybe"}, "RELAY_KEEPALIVE: 'maybe' is not a yes/no value"),
         ({"RELAY_PORTS": "80", "RELAY_METRICS": "nowhere"}, "RELAY_METRICS: 'nowhere' has no port"),
         (
