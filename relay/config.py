@@ -331,6 +331,10 @@ def from_file(path: str) -> dict[str, Raw]:
         mark = err.problem_mark
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: YAML syntax error: {err.problem}") from None
+    except yaml.reader.ReaderError as err:
+        # Its text goes on over a second line (`  in "<unicode string>", position 0`): give the line instead.
+        line = text.count("\n", 0, err.position) + 1
+        raise ConfigError(f"{path}:{line}: YAML error: {str(err).splitlines()[0]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
     if data is None:

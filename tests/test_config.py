@@ -168,6 +168,11 @@ def test_cli_errors_name_the_flag() -> None:
         ("ports: '80'\ntarget: [a\n", ":3: YAML syntax error"),
         ("ports: [80, 70-60]\n", ":1: ports: '70-60' is not a port range"),
         ("- 80\n", "the file must be a mapping"),
+        # Was two lines (`  in "<unicode string>", position 10`).
+        (
+            "ports: '80'\n\x1f\n",
+            ":2: YAML error: unacceptable character #x001f: special characters are not allowed",
+        ),
         ("routes: {a: 1}\n", "routes: expected a list of routes"),
         ("routes:\n  - listen: 6000\n", "routes[0]: missing 'target'"),
         (
@@ -187,6 +192,7 @@ def test_bad_yaml(tmp_path: Path, text: str, message: str) -> None:
         load({}, {}, path)
     assert str(err.value).startswith(path)
     assert message in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
