@@ -8,6 +8,7 @@ expected form. Nothing here opens sockets, configures logging or exits.
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
@@ -324,17 +325,18 @@ def from_file(path: str) -> dict[str, Raw]:
             text = fh.read()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    loader = _yaml_loader()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=loader)
+        data = yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: YAML syntax error: {err.problem}") from None
     except yaml.reader.ReaderError as err:
         # Its text goes on over a second line (`  in "<unicode string>", position 0`): give the line instead.
-        line = text.count("\n", 0, err.position) + 1
-        raise ConfigError(f"{path}:{line}: YAML error: {str(err).splitlines()[0]}") from None
+        at = text.count("\n", 0, err.position) + 1
+        raise ConfigError(f"{path}:{at}: YAML error: {str(err).splitlines()[0]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
     if data is None:
@@ -371,6 +373,22 @@ def _entry_lines(path: str, key: str, node: object) -> tuple[tuple[str, dict[str
             }
         found.append((where, keys))
     return tuple(found)
+
+
+@functools.cache
+def _yaml_loader() -> Any:
+    """SafeLoader, except that YAML 1.1's base-60 numbers stay text: `ports: 22:22` means the map 22 -> 22,
+    not port 1342 (22 * 60 + 22), and `listen: 1:30` is not port 90."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+            tag = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
+            if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in value:
+                return "tag:yaml.org,2002:str"
+            return tag
+
+    return Loader
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

@@ -158,6 +158,15 @@ def test_cli_errors_name_the_flag() -> None:
         load({"ports": Raw("99999", "--ports")}, {"RELAY_PORTS": "80"})
 
 
+def test_yaml_base_60_numbers_stay_text(tmp_path: Path) -> None:
+    """YAML 1.1 reads an unquoted 22:22 as 1342 (22 * 60 + 22): ports and listen must see 22:22 and 1:30."""
+    path = write(tmp_path, "ports: 22:22\nroutes:\n  - listen: 1:30\n    target: db:5432\n")
+    with pytest.raises(ConfigError, match="'1:30': '1' is not a host name"):
+        load({}, {}, path)
+    path = write(tmp_path, "ports: 22:22, 23:24\n")
+    assert [(r.listen[0].port, r.target_port) for r in load({}, {}, path).routes] == [(22, 22), (23, 24)]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
