@@ -339,6 +339,8 @@ def from_file(path: str) -> dict[str, Raw]:
         raise ConfigError(f"{path}:{at}: YAML error: {str(err).splitlines()[0]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
+    except ValueError as err:  # a constructor refusing an explicitly tagged value (`!!int x`)
+        raise ConfigError(f"{path}: YAML value that cannot be read: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
@@ -378,13 +380,16 @@ def _entry_lines(path: str, key: str, node: object) -> tuple[tuple[str, dict[str
 @functools.cache
 def _yaml_loader() -> Any:
     """SafeLoader, except that YAML 1.1's base-60 numbers stay text: `ports: 22:22` means the map 22 -> 22,
-    not port 1342 (22 * 60 + 22), and `listen: 1:30` is not port 90."""
+    not port 1342 (22 * 60 + 22), and `listen: 1:30` is not port 90. So do dates (no setting is one;
+    `2001-13-01` raised a bare ValueError) and numbers too long to be any setting (int() refuses more
+    than 4300 digits, str() a longer hex number): the converters then quote the text as written."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
             tag = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
-            if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in value:
+            number = tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+            if (number and (":" in value or len(value) > 40)) or tag == "tag:yaml.org,2002:timestamp":
                 return "tag:yaml.org,2002:str"
             return tag
 

@@ -170,6 +170,26 @@ def test_yaml_base_60_numbers_stay_text(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
+        # Each escaped as a bare ValueError from the YAML constructor or from str() of the number.
+        ("ports: 2001-13-01\n", ":1: ports: '2001-13-01': '13-01' is not a port number"),
+        ("ports: " + "9" * 5000 + "\n", "9' is not a port number (1-65535)"),
+        ("ports: 0x" + "f" * 5000 + "\n", "'0x" + "f" * 50),
+        ("max_connections: -" + "9" * 5000 + "\n", "' is not a whole number from 1 to"),
+        ("ports: !!int x\n", "YAML value that cannot be read: invalid literal for int()"),
+    ],
+)
+def test_yaml_values_python_cannot_hold(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load({}, {}, path)
+    assert str(err.value).startswith(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
         (
             "ports: '80'\nconect_timeout: 1s\n",
             ":2: conect_timeout: unknown key (did you mean 'connect_timeout'?)",
