@@ -325,6 +325,12 @@ def from_file(path: str) -> dict[str, Raw]:
             text = fh.read()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    except UnicodeDecodeError as err:  # a ValueError, not an OSError: it escaped as a traceback
+        at = err.object[: err.start].count(b"\n") + 1
+        byte = err.object[err.start]
+        raise ConfigError(
+            f"{path}:{at}: not UTF-8 text (byte 0x{byte:02x}); expected a UTF-8 YAML file"
+        ) from None
     loader = _yaml_loader()
     try:
         node = yaml.compose(text, Loader=loader)

@@ -224,6 +224,15 @@ def test_bad_yaml(tmp_path: Path, text: str, message: str) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_config_file_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A Latin-1 file escaped as UnicodeDecodeError (a ValueError, which the OSError handler missed)."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes("ports: '80'\ntarget: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load({}, {}, str(path))
+    assert str(err.value) == f"{path}:2: not UTF-8 text (byte 0xe9); expected a UTF-8 YAML file"
+
+
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load({}, {"RELAY_CONFIG": str(tmp_path / "absent.yaml")})
