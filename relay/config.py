@@ -347,6 +347,8 @@ def from_file(path: str) -> dict[str, Raw]:
         raise ConfigError(f"{path}: YAML error: {err}") from None
     except ValueError as err:  # a constructor refusing an explicitly tagged value (`!!int x`)
         raise ConfigError(f"{path}: YAML value that cannot be read: {err}") from None
+    except RecursionError:  # PyYAML composes nested values recursively: ~500 levels exhaust the stack
+        raise ConfigError(f"{path}: YAML nested too deeply; expected settings a few levels deep") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):

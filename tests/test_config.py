@@ -224,6 +224,16 @@ def test_bad_yaml(tmp_path: Path, text: str, message: str) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("opener", ["[", "{a: ", "- "])
+def test_deeply_nested_yaml_is_one_line(tmp_path: Path, opener: str) -> None:
+    """PyYAML recurses per level: this escaped as RecursionError."""
+    nested = "".join(f"\n{'  ' * i}- " for i in range(600)) if opener == "- " else opener * 600
+    path = write(tmp_path, "ports: " + nested + "\n")
+    with pytest.raises(ConfigError) as err:
+        load({}, {}, path)
+    assert str(err.value) == f"{path}: YAML nested too deeply; expected settings a few levels deep"
+
+
 def test_config_file_not_utf8_is_one_line(tmp_path: Path) -> None:
     """A Latin-1 file escaped as UnicodeDecodeError (a ValueError, which the OSError handler missed)."""
     path = tmp_path / "relay.yaml"
