@@ -6,9 +6,10 @@ Docker's restart policy starts an exited `container:` sidecar in the app's *curr
 
 Rules:
 1. Exit when the app has started again, and only then. Docker rewrites the app's /etc/hostname, which
-   the relay shares, at each start of the app, while it holds the app's lock: a relay that exits then
-   (code 75) is restarted by its policy once the app runs. Remember (inode, mtime_ns, size) at start;
-   a change is a new start of the app.
+   the relay shares, at each start of the app, 0.3-0.8 s before the app runs and while the engine holds
+   the app's lock (moby's containerStart); the restart of a relay that exits then (code 75) checks that
+   the app runs under the same lock, so it waits for that start and joins the new namespace. Remember
+   (inode, mtime_ns, size) at start; a change is a new start of the app.
 2. Never exit for lost interfaces alone: after `docker stop app` the app is not running, Docker's single
    restart attempt would fail ("cannot join network of a non running container") and the relay would
    stay exited for good. Instead report "stranded" (every non-`lo` interface seen at start gone and no

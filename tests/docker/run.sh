@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The real-Docker-engine test of relay-sidecar: the image, compose examples and the app restarts, in the topology
-# users have (the relay in the app container's network namespace, the services on the host across a
-# bridge). Linux, as root. Run by scripts/docker-test; prints `docker: N passed, M failed` last and exits
-# non-zero when anything failed.
+# The real-Docker-engine test of relay-sidecar: the image, the compose examples and the app's restarts,
+# in the topology users have (the relay in the app container's network namespace, the services on the
+# host across a bridge). Linux, as root. Run by scripts/docker-test; prints `docker: N passed, M failed`
+# last and exits non-zero when anything failed.
 #
 # Steps:
 #  1. Install what is missing from Debian's packages (docker.io, docker-compose, debootstrap, ...).
@@ -28,6 +28,7 @@
 #     must work again within 8 s (a bounded probe loop from inside the app), by one relay restart after
 #     its `app restarted ... exit code 75` line. Prints how long after the app's start the relay started
 #     (Docker's StartedAt) and how long after the action localhost worked again (`rejoin:` lines).
+#     Then `docker rm -f app`: the relay keeps running and its log and /readyz name the fix.
 #  7. The holder example (tests/docker/override-holder.yaml): `docker restart app`; localhost:8000 works
 #     again and the relay never restarted.
 #  8. On exit, whatever happened: compose down, stop the services and dockerd by pid, unmount and remove
@@ -441,6 +442,15 @@ wait_for_relay() { # the relay logs `ready` once every listener is bound
     return 1
 }
 
+wait_for_log() { # wait_for_log CONTAINER TEXT SECONDS
+    local i
+    for ((i = 0; i < $3 * 10; i++)); do
+        [[ "$(docker logs "$1" 2>&1)" == *"$2"* ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 run_client() { # run_client APP_CONTAINER CHECK...
     local cid=$1
     shift
@@ -486,7 +496,7 @@ example() { # example NAME PROJECT gateway|docker0 "PORT..." CHECK...: one compo
         fail "$name: relay never logged ready" "$(relay_logs "$relay")"
         return 0
     fi
-    if [[ "$(docker logs "$relay" 2>&1)" == *"$target_line"* ]]; then
+    if wait_for_log "$relay" "$target_line" 10; then # resolved in the background: may follow `ready`
         pass "$name: relay logged its target: '$target_line'"
     else
         fail "$name: relay did not log '$target_line'" "$(relay_logs "$relay")"
@@ -614,6 +624,16 @@ app_restarts() { # app_restarts PROJECT: many-ports, its app restarted three way
         pass "app restarts: echo and half-close through localhost over 127.0.0.1 and ::1 after the restarts"
     else
         fail "app restarts: round trips after the restarts" "$output
+$(relay_state "$relay")"
+    fi
+    # Removed, the app cannot be followed (Docker cannot start the relay in a container that is gone): the
+    # relay must say how to fix it, in its log and its /readyz, and keep running.
+    docker rm -f "$app" > /dev/null
+    output=$(wait_for_log "$relay" "app container removed" 10 && timeout 20 docker exec "$relay" relay healthcheck 2>&1 || true)
+    if [ "$(docker inspect -f '{{.State.Running}}' "$relay")" = true ] && [[ $output == *"--always-recreate-deps"* ]]; then
+        pass "app removed: the relay keeps running, logs and reports the fix: ${output:0:60}..."
+    else
+        fail "app removed: relay running, 'app container removed' logged, /readyz naming the fix" "$output
 $(relay_state "$relay")"
     fi
     compose_down "$project"
