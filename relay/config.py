@@ -359,6 +359,9 @@ def from_file(path: str) -> dict[str, Raw]:
     for key, value in data.items():
         where = f"{path}:{lines.get(key, '?')}: {key}"
         if key not in FILE_KEYS:
+            # Quoted unless a plain word: a key may hold a line break (`"a\nb": 1` gave two lines).
+            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
+            where = f"{path}:{lines.get(key, '?')}: {shown}"
             hint = _did_you_mean(str(key), list(FILE_KEYS))
             raise ConfigError(f"{where}: unknown key{hint}; known keys: {', '.join(FILE_KEYS)}")
         raw[str(key)] = Raw(value, where, _entry_lines(path, str(key), node_of.get(key)))

@@ -197,6 +197,8 @@ def test_yaml_values_python_cannot_hold(tmp_path: Path, text: str, message: str)
         ("ports: '80'\ntarget: [a\n", ":3: YAML syntax error"),
         ("ports: [80, 70-60]\n", ":1: ports: '70-60' is not a port range"),
         ("- 80\n", "the file must be a mapping"),
+        ('"a\\nb": 1\n', ":1: 'a\\nb': unknown key; known keys:"),  # was two lines
+        ("'my key': 1\n", ":1: 'my key': unknown key"),
         # Was two lines (`  in "<unicode string>", position 10`).
         (
             "ports: '80'\n\x1f\n",
