@@ -52,8 +52,14 @@ _ADDRESS = re.compile(r"^[A-Za-z][A-Za-z0-9-]*:")
 
 
 def looks_like_socat(argv: list[str]) -> bool:
-    """socat's argv has KEYWORD:... addresses; the relay's own options never start a value that way."""
-    return any(_ADDRESS.match(a) for a in argv)
+    """socat's argv has KEYWORD:... addresses. The value after one of the relay's own --options does not
+    count: an IPv6 address starts the same way (`--target fd00::1` was taken for socat's argv)."""
+    after_option = False
+    for arg in argv:
+        if not after_option and _ADDRESS.match(arg):
+            return True
+        after_option = arg.startswith("--") and "=" not in arg
+    return False
 
 
 def parse(argv: list[str]) -> SocatArgs:

@@ -275,6 +275,10 @@ def test_bad_socat_argv_names_the_culprit(argv: list[str], message: str) -> None
         (["--metrics", "0.0.0.0:9464", "--listen", "::1"], False),
         (["check"], False),
         (["TCP-L:80", "TCP:x:1"], True),
+        # An IPv6 value of the relay's own option starts like a socat address.
+        (["--ports", "80", "--target", "fd00::1"], False),
+        (["--listen", "fe80::1%eth0", "--target", "db"], False),
+        (["--target", "fd00::1", "tcp-l:80", "tcp:x:1"], True),
     ],
 )
 def test_socat_detection(argv: list[str], socat: bool) -> None:
