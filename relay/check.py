@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from relay import hints
 from relay.address import format_hostport
-from relay.config import AUTO, Config
+from relay.config import AUTO, Config, Route, lands_on
 from relay.upstream import Resolution, ResolveError, Resolver, classify, open_connection
 
 PROBE_TIMEOUT = 2.0
@@ -26,6 +27,33 @@ CAUSES = {
     "*app* service (the sidecar shares its /etc/hosts), or set RELAY_TARGET",
     "other": "the connection failed; see the error",
 }
+WILDCARDS = {"0.0.0.0": False, "::": True}  # wildcard listen address -> is IPv6
+
+
+def _cause(reason: str, target: str, addresses: tuple[str, ...]) -> str:
+    """The table's cause / fix: the hint for what this target is (local, an explicit name, auto)."""
+    if reason == "refused" and addresses and all(hints.is_local(a) for a in addresses):
+        return hints.refused(addresses)
+    if reason == "unresolved" and target.lower() not in hints.AUTO_NAMES:
+        return hints.unresolved(target)
+    if reason == "loop":
+        return hints.for_failure("loop", target, addresses) or ""
+    return CAUSES[reason]
+
+
+def _reaches_relay(config: Config, route: Route, addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """The addresses of `route`'s target that are one of the relay's own listen sockets: probing them
+    would reach the relay (which answers), while serving them would forward into itself."""
+    port = route.target_port
+    listen = [hp for r in config.routes for hp in r.listen if hp.port == port]
+    return tuple(
+        a
+        for a in addresses
+        if any(
+            lands_on(a, port, hp) or (WILDCARDS.get(hp.host) == (":" in a) and hints.is_local(a))
+            for hp in listen
+        )
+    )
 
 
 @dataclass(slots=True)
@@ -70,6 +98,8 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
     loop = asyncio.get_running_loop()
     timeout = min(config.connect_timeout, PROBE_TIMEOUT)
     print(f"config file: {config.config_file or '(none; environment and flags only)'}", file=out)
+    for warning in config.warnings:  # the same ones `relay run` logs at start
+        print(f"warning: {warning}", file=out)
     print("routes:", file=out)
     for route in config.routes:
         print(f"  {route.name:<14} {route.describe()}", file=out)
@@ -84,7 +114,7 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
         resolutions[target] = resolution
         label = f"{target} (auto)" if target == AUTO else target
         if isinstance(resolution, ResolveError):
-            print(f"  {label}: {resolution}; {CAUSES['unresolved']}", file=out)
+            print(f"  {label}: {resolution}; {_cause('unresolved', target, ())}", file=out)
         else:
             print(f"  {label}: {resolution.note}", file=out)
             if resolution.source == "gateway":
@@ -100,16 +130,24 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
                     format_hostport(route.target, route.target_port),
                     "unresolved",
                     None,
-                    CAUSES["unresolved"],
+                    _cause("unresolved", route.target, ()),
                 )
             )
             continue
         shown = format_hostport(resolution.addresses[0], route.target_port)
+        itself = _reaches_relay(config, route, resolution.addresses)
+        if itself:
+            probes.append(Probe(route.name, shown, "loop", None, _cause("loop", route.target, itself)))
+            continue
         try:
             millis = await _probe(loop, resolution.addresses, route.target_port, timeout)
         except Exception as exc:
             reason = classify(exc)
-            detail = CAUSES[reason] if reason != "other" else f"{type(exc).__name__}: {exc}"
+            detail = (
+                _cause(reason, route.target, resolution.addresses)
+                if reason != "other"
+                else f"{type(exc).__name__}: {exc}"
+            )
             probes.append(Probe(route.name, shown, reason, None, detail))
         else:
             probes.append(Probe(route.name, shown, "ok", millis, ""))

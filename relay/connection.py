@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from relay import hints
+from relay.address import HostPort, format_hostport
 from relay.config import Config, Route
 from relay.logs import RateLimited
 from relay.pump import Side, reset, set_socket_options
 from relay.stats import RouteStats
-from relay.upstream import HINTS, Resolver, backoff_delays, classify, open_connection
+from relay.upstream import Resolver, backoff_delays, classify, open_connection
 
 log = logging.getLogger("relay")
 
@@ -45,6 +49,24 @@ class Shared:
     full: bool = False  # max_connections reached: "slots" is in problems until a pair finishes
     # uvloop sets TCP_NODELAY on every TCP transport itself; asyncio not on accepted sockets (pump.py).
     set_nodelay: bool = True
+    # (ip, port) that reach one of the relay's own listeners: what it listens on (own_addresses), and
+    # addresses found at run time to lead back into it. A target among them is refused, not forwarded.
+    own: set[tuple[str, int]] = field(default_factory=set)
+
+
+class SelfLoop(ConnectionError):
+    """The target turned out to be the relay itself (say, a name that now resolves to this host)."""
+
+
+def own_addresses(bound: Iterable[HostPort]) -> set[tuple[str, int]]:
+    """Listen addresses as (ip, port), plus the loopback address that reaches a wildcard listener.
+    ("0.0.0.0", port) in the set also marks a wildcard listener for `Connection._loops_back`."""
+    own = set()
+    for hp in bound:
+        own.add((hp.host, hp.port))
+        if hp.host in ("0.0.0.0", "::"):
+            own.add(("127.0.0.1" if hp.host == "0.0.0.0" else "::1", hp.port))
+    return own
 
 
 @dataclass(slots=True)
@@ -121,7 +143,7 @@ class Connection:
             return
         transport.pause_reading()  # rule 1
         loop = asyncio.get_running_loop()
-        self.started = loop.time()
+        self.started = time.perf_counter()  # durations: uvloop's loop.time() has whole milliseconds
         shared.connections.add(self)
         ctx.stats.active += 1
         self.task = loop.create_task(self._connect())
@@ -135,14 +157,14 @@ class Connection:
             try:
                 await self._attempt(loop, config.connect_timeout)
             except Exception as exc:
-                reason = classify(exc)
+                reason = "loop" if isinstance(exc, SelfLoop) else classify(exc)
                 delay = next(delays, None) if reason == "refused" else None
                 if delay is not None and self.reason is None:
                     await asyncio.sleep(delay)
                     continue
                 self._connect_failed(reason, exc)
                 return
-            ctx.stats.connect_seconds.observe(loop.time() - self.started)
+            ctx.stats.connect_seconds.observe(time.perf_counter() - self.started)
             return
 
     async def _attempt(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
@@ -154,7 +176,11 @@ class Connection:
         timer = loop.call_later(timeout, self._expire)
         try:
             resolution = await self.ctx.resolver.resolve()
-            await open_connection(loop, self._target_side, resolution.addresses, self.ctx.route.target_port)
+            port = self.ctx.route.target_port
+            own = self.ctx.shared.own
+            if any((address, port) in own for address in resolution.addresses):
+                raise SelfLoop(f"{format_hostport(resolution.addresses[0], port)} is the relay's own")
+            await open_connection(loop, self._target_side, resolution.addresses, port)
         except BaseException as exc:
             self._write_off_target()
             if not isinstance(exc, asyncio.CancelledError) or not self._timed_out:
@@ -191,12 +217,17 @@ class Connection:
         ctx = self.ctx
         ctx.stats.connect_errors[reason] += 1
         route = ctx.route
-        hint = HINTS.get(reason)
+        resolved = ctx.resolver.last
+        addresses = resolved.addresses if resolved is not None else ()
+        name = resolved.name if resolved is not None else route.target
+        where = format_hostport(name, route.target_port)
+        if addresses and addresses != (name,):
+            where += f" ({', '.join(addresses)})"
+        hint = hints.for_failure(reason, route.target, addresses)
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         ctx.shared.warnings.warning(
             f"connect:{route.name}:{reason}",
-            f"{route.name}: cannot connect to {route.target}:{route.target_port} ({reason}: {detail})"
-            + (f"; {hint}" if hint else ""),
+            f"{route.name}: cannot connect to {where} ({reason}: {detail})" + (f"; {hint}" if hint else ""),
             route=route.name,
             reason=reason,
         )
@@ -209,6 +240,8 @@ class Connection:
             target.transport.abort()  # closed while we were connecting
             return
         shared = self.ctx.shared
+        if shared.own and self._loops_back(target.transport, shared.own):
+            return
         keepalive = shared.config.keepalive
         if keepalive or shared.set_nodelay:
             set_socket_options(client.transport, keepalive=keepalive)
@@ -227,6 +260,21 @@ class Connection:
             self._idle_since = loop.time()
             self._idle_timer = loop.call_later(config.idle_timeout / 4, self._idle_check)
         log.debug("%s: connected", self.ctx.route.name, extra={"route": self.ctx.route.name})
+
+    def _loops_back(self, transport: asyncio.BaseTransport, own: set[tuple[str, int]]) -> bool:
+        """The target is one of the relay's own listeners (an address of this host that no lookup could
+        tell): refuse, and remember the address so the next attempts are refused before they connect
+        (which is what ends the chain of connections the relay made to itself meanwhile)."""
+        host, port = transport.get_extra_info("peername")[:2]
+        if (host, port) not in own:
+            if (("::" if ":" in host else "0.0.0.0"), port) not in own:
+                return False  # no wildcard listener on that port: (host, port) is not ours
+            local = host.startswith("127.") or transport.get_extra_info("sockname")[0] == host
+            if not local:
+                return False
+            own.add((host, port))
+        self._connect_failed("loop", SelfLoop(f"{format_hostport(host, port)} is the relay's own"))
+        return True
 
     def _other(self, side: Side) -> Side:
         return self.target if side is self.client else self.client
@@ -296,7 +344,7 @@ class Connection:
         stats.closed[reason] += 1
         stats.bytes_c2t += self.client.nbytes
         stats.bytes_t2c += self.target.nbytes
-        stats.duration_seconds.observe(asyncio.get_running_loop().time() - self.started)
+        stats.duration_seconds.observe(time.perf_counter() - self.started)
         log.debug(
             "%s: closed (%s), %d bytes to target, %d bytes to client",
             self.ctx.route.name,

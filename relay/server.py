@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from relay import __version__
 from relay.address import HostPort, format_hostport, is_loopback
 from relay.config import Config, ConfigError, Route
-from relay.connection import Connection, RouteContext, Shared
+from relay.connection import Connection, RouteContext, Shared, own_addresses
 from relay.listener import Listener, ListenError, bind_error, open_route
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
@@ -141,6 +141,7 @@ class Server:
             skipped=self.skipped_hosts,
         )
         self.routes[route] = ActiveRoute(ctx, listeners)
+        self.shared.own.update(own_addresses(lst.address for lst in listeners))
         log.info("%s: %s", route.name, _describe(route, listeners), extra={"route": route.name})
         exposed = [str(lst.address) for lst in listeners if not is_loopback(lst.address.host)]
         if exposed:
@@ -284,6 +285,7 @@ class Server:
                 for listener in active.listeners:
                     listener.close()
                 active.listeners = []
+        self.shared.own = own_addresses(lst.address for lst in self.listeners)
 
     # --- reload ------------------------------------------------------------------------------------------
 

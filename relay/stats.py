@@ -27,7 +27,7 @@ DURATION_BUCKETS = (
     86400.0,
 )
 CLOSE_REASONS = ("eof", "client_reset", "target_reset", "idle_timeout", "connect_failed", "shutdown", "limit")
-CONNECT_ERRORS = ("refused", "timeout", "unresolved", "other")
+CONNECT_ERRORS = ("refused", "timeout", "unresolved", "loop", "other")
 
 
 @dataclass(slots=True)

@@ -162,3 +162,26 @@ def test_healthcheck_command_needs_only_the_health_address() -> None:
     down = run_relay(["healthcheck"], {"RELAY_METRICS": f"127.0.0.1:{health}"})
     assert down.returncode == 1
     assert f"127.0.0.1:{health}" in down.stderr
+
+
+def test_durations_have_sub_millisecond_resolution(run: Run) -> None:
+    """Steps: 20 connections through a loopback relay; the connect and connection duration sums are not
+    whole milliseconds (uvloop's loop.time() counts whole milliseconds, which made every loopback connect
+    a 0 and the 0.0005 bucket meaningless)."""
+
+    async def scenario() -> None:
+        async with tcp_server(echo) as target, relay(target) as server:
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+                writer.write(b"x")
+                writer.write_eof()
+                assert await read_all(reader) == b"x"
+                writer.close()
+            await wait_until(lambda: not server.connections)
+            stats = server.stats["test"]
+            for histogram in (stats.connect_seconds, stats.duration_seconds):
+                assert histogram.count == 20
+                millis = histogram.total * 1000
+                assert histogram.total > 0 and abs(millis - round(millis)) > 1e-6, histogram.total
+
+    run(scenario())

@@ -1,0 +1,76 @@
+"""The likely cause and fix of a failed connect, worded for what the relay can see of the target.
+
+A refusal from an address of the relay's own network namespace (127.0.0.1, or an address of one of its
+interfaces) means nothing listens *here*: advice about the Docker host (bind 0.0.0.0, docker0) would send
+the user the wrong way. A name the user wrote that does not resolve is a typo or a name only the host
+knows; only the auto chain's names are fixed by extra_hosts. Used by connection.py (the rate-limited
+warning), server.py and upstream.py (start-up) and check.py (the table).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import socket
+
+AUTO_NAMES = frozenset({"auto", "host.docker.internal", "host.containers.internal"})
+
+REFUSED_HOST = "is the host service listening on 0.0.0.0 / the docker0 address rather than 127.0.0.1?"
+REFUSED_LOCAL = (
+    "{address} is an address of the relay's own network namespace (the app container), not of the Docker "
+    "host, and nothing listens there; to reach a service on the host, set the target to auto (the default) "
+    "or the host's name"
+)
+TIMEOUT = "a host firewall (ufw, firewalld) dropping the connection, or a wrong address?"
+UNRESOLVED_AUTO = 'add extra_hosts: ["host.docker.internal:host-gateway"] to the app service'
+UNRESOLVED_NAME = (
+    "{name} is not in this container's /etc/hosts and its DNS does not know it: check the spelling, or "
+    "use an address or a name the container can resolve"
+)
+LOOP = (
+    "the target is this relay itself ({address} is one of its own listen addresses): each connection would "
+    "come back into the relay; set the target to the Docker host (auto) or the service's own address"
+)
+
+
+@functools.lru_cache(maxsize=256)
+def is_local(address: str) -> bool:
+    """Whether `address` belongs to this network namespace: loopback, unspecified, or bindable here."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, 0))  # EADDRNOTAVAIL: not an address of this namespace
+        except OSError:
+            return False
+    return True
+
+
+def refused(addresses: tuple[str, ...]) -> str:
+    local = [a for a in addresses if is_local(a)]
+    if addresses and len(local) == len(addresses):
+        return REFUSED_LOCAL.format(address=", ".join(local))
+    return REFUSED_HOST
+
+
+def unresolved(target: str) -> str:
+    if target.lower() in AUTO_NAMES:
+        return UNRESOLVED_AUTO
+    return UNRESOLVED_NAME.format(name=target)
+
+
+def for_failure(reason: str, target: str, addresses: tuple[str, ...] = ()) -> str | None:
+    """The hint for a connect that failed for `reason` (refused, timeout, unresolved, loop, other)."""
+    if reason == "refused":
+        return refused(addresses)
+    if reason == "timeout":
+        return TIMEOUT
+    if reason == "unresolved":
+        return unresolved(target)
+    if reason == "loop":
+        return LOOP.format(address=", ".join(addresses) or target)
+    return None
