@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ def _text(value: object) -> str:
 
 
 def _duration(value: object) -> float:
+    if isinstance(value, float) and math.isfinite(value) and value >= 0:
+        return value  # a YAML number: str() writes 0.00001 as 1e-05, which is not a duration's text
     text = _text(value)
     if text.strip().startswith("-"):
         raise AddressError(f"{value!r} is negative; {DURATION_FORM}")

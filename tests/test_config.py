@@ -72,6 +72,16 @@ routes:
     assert (last.target, last.target_port) == ("10.0.0.5", 6001)
 
 
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0.00001", 1e-05), ("1.5e+3", 1500.0), ("0.5", 0.5), ("2", 2.0), ("'250ms'", 0.25)],
+)
+def test_yaml_numbers_are_seconds(tmp_path: Path, text: str, seconds: float) -> None:
+    """YAML reads 0.00001 as a float whose str() is '1e-05', which the duration parser refused."""
+    path = write(tmp_path, f"ports: '80'\nidle_timeout: {text}\n")
+    assert load({}, {}, path).idle_timeout == seconds
+
+
 def test_docker_host_compat_variables() -> None:
     config = load({}, {"PORTS": "80 443", "DOCKER_HOST": "gateway.lan"})
     assert [r.target_port for r in config.routes] == [80, 443]
