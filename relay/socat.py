@@ -103,11 +103,11 @@ def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
             if not value.isdigit():
                 raise AddressError(f"{value!r} is not a whole number; expected -b BYTES")
             # No effect: the event loop reads up to 256 KiB at a time (socat's default is 8 KiB).
-        elif flag == "-t":
-            # Asked for explicitly: cut half-closed connections after this long, as socat does.
-            raw["half_close_timeout"] = Raw(str(parse_duration(value)), where)
         else:
-            raw["idle_timeout"] = Raw(str(parse_duration(value)), where)
+            # Checked here, passed on as written: str(float) writes 0.00001 as 1e-05, not a duration.
+            # -t, asked for explicitly, cuts half-closed connections after this long, as socat does.
+            parse_duration(value)
+            raw["half_close_timeout" if flag == "-t" else "idle_timeout"] = Raw(value, where)
     except AddressError as err:
         raise ConfigError(f"{where}: {err}") from None
 
@@ -199,8 +199,9 @@ def _connect_address(address: str, raw: dict[str, Raw]) -> None:
             raise ConfigError(f"{where}: option {option!r}: {err}") from None
     if retries is not None:
         # socat retries N times, `interval` apart; the relay retries refused connects for that long.
+        # A number, not str(budget): that writes 1e+20 or 1e-05, which the duration parser refuses.
         budget = 365 * 86400.0 if retries < 0 else retries * interval
-        raw["connect_retry"] = Raw(str(budget), where)
+        raw["connect_retry"] = Raw(budget, where)
 
 
 def _bad_number(value: str) -> int:

@@ -229,10 +229,10 @@ def test_seed_recipe_argv() -> None:
             {"reuseport": "true", "connect_timeout": "2"},
         ),
         (["tcp-listen:80,keepalive,nodelay", "tcp:db:1"], {"keepalive": "true"}),
-        (["tcp-listen:80", "tcp:db:1,retry=5,interval=2"], {"connect_retry": "10.0"}),
+        (["tcp-listen:80", "tcp:db:1,retry=5,interval=2"], {"connect_retry": 10.0}),
         (
             ["-b", "16384", "-t", "3", "-T", "60", "tcp-listen:80", "tcp:db:1"],
-            {"half_close_timeout": "3.0", "idle_timeout": "60.0"},
+            {"half_close_timeout": "3", "idle_timeout": "60"},
         ),
         (["-4", "tcp-listen:80", "tcp:db:1"], {"family": "ipv4"}),
     ],
@@ -241,6 +241,24 @@ def test_socat_forms(argv: list[str], expected: dict[str, object]) -> None:
     values = {k: v.value for k, v in parse_socat(argv).raw.items()}
     for key, value in expected.items():
         assert values[key] == value, key
+
+
+@pytest.mark.parametrize(
+    ("argv", "setting", "seconds"),
+    [
+        # Passed on as str(float): '1e-05' and '1e+20', which the duration parser refused.
+        (["-t", "0.00001", "tcp-l:80", "tcp:db:1"], "half_close_timeout", 1e-05),
+        (["-T", "100000000000000000000", "tcp-l:80", "tcp:db:1"], "idle_timeout", 1e20),
+        (["-T", "250ms", "tcp-l:80", "tcp:db:1"], "idle_timeout", 0.25),
+        (["tcp-l:80", "tcp:db:1,retry=3,interval=0.00001"], "connect_retry", 3e-05),
+        (["tcp-l:80", "tcp:db:1,retry=100000000000000000000"], "connect_retry", 1e20),
+        (["tcp-l:80", "tcp:db:1,forever,interval=5"], "connect_retry", 365 * 86400.0),
+    ],
+)
+def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds: float) -> None:
+    from relay.config import load
+
+    assert getattr(load(parse_socat(argv).raw, {}), setting) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize(
