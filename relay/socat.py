@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.address import AddressError, check_host, parse_duration, parse_ip, parse_port
+from relay.address import AddressError, check_host, parse_duration, parse_ip, parse_port, whole_number
 from relay.config import ConfigError, Raw
 
 SOURCE = "socat argument"
@@ -38,6 +38,7 @@ CONNECT_KEYWORDS = {
 # always sets SO_REUSEADDR and TCP_NODELAY.
 HARMLESS = {"fork", "reuseaddr", "nodelay", "ipv6only", "crlf-off"}
 VALUE_FLAGS = {"-b", "-t", "-T"}
+INT_MAX = 2**31 - 1
 IGNORED_FLAGS = {"-v", "-x", "-ly", "-lu", "-lm", "-lh"}
 
 
@@ -100,7 +101,7 @@ def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
     where = f"{SOURCE} {flag}"
     try:
         if flag == "-b":
-            if not value.isdigit():
+            if whole_number(value, INT_MAX) is None:
                 raise AddressError(f"{value!r} is not a whole number; expected -b BYTES")
             # No effect: the event loop reads up to 256 KiB at a time (socat's default is 8 KiB).
         else:
@@ -186,7 +187,7 @@ def _connect_address(address: str, raw: dict[str, Raw]) -> None:
             if name == "connect-timeout":
                 raw["connect_timeout"] = Raw(value, where)
             elif name == "retry":
-                retries = int(value) if value.isdigit() else _bad_number(value)
+                retries = _count(value)
             elif name == "interval":
                 interval = parse_duration(value)
             elif name == "forever":
@@ -204,8 +205,12 @@ def _connect_address(address: str, raw: dict[str, Raw]) -> None:
         raw["connect_retry"] = Raw(budget, where)
 
 
-def _bad_number(value: str) -> int:
-    raise AddressError(f"{value!r} is not a whole number")
+def _count(value: str) -> int:
+    """socat's counts are C ints. (str.isdigit() and int() let '²' and 5000 digits escape as ValueError.)"""
+    number = whole_number(value, INT_MAX)
+    if number is None:
+        raise AddressError(f"{value!r} is not a whole number from 0 to {INT_MAX}")
+    return number
 
 
 def _common_option(name: str, value: str, where: str, raw: dict[str, Raw]) -> None:

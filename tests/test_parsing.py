@@ -251,7 +251,7 @@ def test_socat_forms(argv: list[str], expected: dict[str, object]) -> None:
         (["-T", "100000000000000000000", "tcp-l:80", "tcp:db:1"], "idle_timeout", 1e20),
         (["-T", "250ms", "tcp-l:80", "tcp:db:1"], "idle_timeout", 0.25),
         (["tcp-l:80", "tcp:db:1,retry=3,interval=0.00001"], "connect_retry", 3e-05),
-        (["tcp-l:80", "tcp:db:1,retry=100000000000000000000"], "connect_retry", 1e20),
+        (["tcp-l:80", "tcp:db:1,retry=2147483647,interval=100000000000"], "connect_retry", 2147483647e11),
         (["tcp-l:80", "tcp:db:1,forever,interval=5"], "connect_retry", 365 * 86400.0),
     ],
 )
@@ -274,6 +274,11 @@ def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds
         (["-b", "tcp-listen:80", "tcp:db:1"], "'tcp-listen:80' is not a whole number"),
         (["-u", "tcp-listen:80", "tcp:db:1"], "'-u': not supported"),
         (["tcp-listen:80,bind=nope", "tcp:db:1"], "'nope' is not an IP address"),
+        # str.isdigit() said yes; int() then raised a bare ValueError (or the count overflowed a float).
+        (["tcp-listen:80", "tcp:db:1,retry=²"], "'²' is not a whole number from 0 to 2147483647"),
+        (["tcp-listen:80", "tcp:db:1,retry=" + "9" * 5000], "9' is not a whole number from 0 to"),
+        (["tcp-listen:80", "tcp:db:1,retry=" + "9" * 400], "9' is not a whole number from 0 to"),
+        (["-b", "٣", "tcp-listen:80", "tcp:db:1"], "'٣' is not a whole number"),
     ],
 )
 def test_bad_socat_argv_names_the_culprit(argv: list[str], message: str) -> None:
