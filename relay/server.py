@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import resource
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -124,6 +126,17 @@ class Server:
         try:
             self.health_address = await self.health.start(address)
         except OSError as err:
+            self.health = None
+            if err.errno == errno.EADDRINUSE and not self.config.metrics_explicit:
+                # Two socat-style relays in one namespace (one per port, as the socat recipe has it) both
+                # default to 9464: the second serves its ports without the endpoint rather than exit.
+                log.warning(
+                    "metrics and health: %s is already in use (another relay in this network namespace?); "
+                    "running without /metrics, /healthz and /readyz. Set RELAY_METRICS to a free address "
+                    "to have them, or to off to silence this",
+                    address,
+                )
+                return
             raise ListenError(
                 f"cannot listen on {address} for metrics and health: {bind_error(err)}"
             ) from None
@@ -255,17 +268,25 @@ class Server:
             len(self.connections),
             limit,
         )
+        waited_from, cut_short = time.monotonic(), False
         if shared.connections:
             waiter = asyncio.ensure_future(shared.drained.wait())
             second = asyncio.ensure_future(self._second_signal())
             await asyncio.wait({waiter, second}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            cut_short = second.done()
             for task in (waiter, second):
                 task.cancel()
+        waited = time.monotonic() - waited_from
         left = list(shared.connections)
         for conn in left:
             conn.close("shutdown")
         if left:
-            log.warning("drain: closed %d connection(s) still open after %gs", len(left), limit)
+            log.warning(
+                "drain: closed %d connection(s) still open after %.1fs%s",
+                len(left),
+                waited,
+                f" (a second signal ended the {limit:g}s drain)" if cut_short else "",
+            )
             if shared.connections:  # let the resets reach the kernel and the pairs finish
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(shared.drained.wait(), timeout=1.0)

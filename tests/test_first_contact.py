@@ -15,7 +15,7 @@ import pytest
 from relay.address import HostPort
 from relay.config import Config, Route
 from relay.server import Server
-from tests.netns import APP_IP, Topology
+from tests.netns import APP_IP, HOST_IP, Topology
 from tests.support import free_port_block, wait_until
 
 Run = Callable[..., Any]
@@ -164,3 +164,25 @@ try:
 except ConnectionError:
     print("closed")
 """
+
+
+def test_two_socat_style_relays_share_one_namespace(topology: Callable[..., Topology]) -> None:
+    """Steps: the socat recipe, one sidecar per port, in one app namespace: two relays started with
+    only socat arguments (so both default to metrics on 0.0.0.0:9464). The first serves the endpoint;
+    the second warns once that the address is taken and serves its port without it (before: it exited
+    1). Both forward to the host namespace, over 127.0.0.1 and ::1. A third relay that asks for 9464
+    explicitly still fails with exit 1."""
+    topo = topology()
+    topo.host_services(HOST_IP, 8001, 8002)
+    first = topo.relay(["-d", "tcp-listen:7001,fork,reuseaddr", f"tcp-connect:{HOST_IP}:8001"])
+    first.wait_for("metrics and health: http://0.0.0.0:9464/metrics")
+    second = topo.relay(["-d", "tcp-listen:7002,fork,reuseaddr", f"tcp-connect:{HOST_IP}:8002"])
+    warning = second.wait_for("already in use")
+    assert "0.0.0.0:9464 is already in use (another relay in this network namespace?)" in warning
+    assert sum("already in use" in line for line in second.lines) == 1
+    result = topo.app_client("4:7001:8001", "6:7001:8001", "4:7002:8002", "6:7002:8002")
+    assert result.returncode == 0, result.stdout + result.stderr
+    third = topo.relay(["--ports", "7003", "--target", HOST_IP, "--metrics", "9464"], wait=False)
+    assert third.proc.wait(30) == 1
+    assert "cannot listen on 0.0.0.0:9464 for metrics and health: address already in use" in third.output()
+    assert second.stop() == 0 and first.stop() == 0
