@@ -73,6 +73,7 @@ class RelayCollector(Collector):
         yield from (accepted, active, closed, errors, bytes_total, connect, duration)
         yield self._listeners()
         yield self._targets()
+        yield self._lookups()
         yield from self._app_watch()
         build = InfoMetricFamily("relay_build", "relay-sidecar build", labels=[])
         build.add_metric([], {"version": __version__})
@@ -87,6 +88,18 @@ class RelayCollector(Collector):
             for want in route.listen:
                 up.add_metric([route.name, bound.get(want.host, str(want))], 1 if want.host in bound else 0)
         return up
+
+    def _lookups(self) -> Metric:
+        """Lookups by configured target, the name asked (from its fixed chain) and result: bounded labels."""
+        lookups = CounterMetricFamily(
+            "relay_resolver_lookups",
+            "Name lookups made for each target (in the background), by name and result",
+            labels=["target", "host", "result"],
+        )
+        for resolver in self.server.resolvers.values():
+            for (name, result), count in sorted(resolver.lookups.items()):
+                lookups.add_metric([resolver.target, name, result], count)
+        return lookups
 
     def _targets(self) -> Metric:
         info = InfoMetricFamily("relay_target", "How each target resolved", labels=[])

@@ -2,8 +2,9 @@
 
 Rules:
 1. Signal handlers only record the signal; `serve()` does the work in order.
-2. Start: resolve and log each target, bind every listener (any failure closes what was bound and
-   raises ListenError before anything is served), then log `ready`.
+2. Start: bind every listener (any failure closes what was bound and raises ListenError before anything
+   is served), then log `ready`. Targets are resolved in the background (upstream.py): no lookup ever
+   delays `ready` or a stop. SIGTERM/SIGINT during start-up cuts it short and stops at once.
 3. Drain (first SIGTERM/SIGINT): close listeners (readiness goes false), wait up to drain_timeout for
    the live connections to finish, then reset what is left and log how many. A second SIGTERM/SIGINT
    ends the wait at once.
@@ -18,11 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import functools
 import logging
 import resource
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -34,7 +34,7 @@ from relay.connection import Connection, RouteContext, Shared, own_addresses
 from relay.listener import Listener, ListenError, bind_error, open_route
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
-from relay.upstream import HINTS, Lookup, ResolveError, Resolver
+from relay.upstream import Lookup, Resolver
 
 if TYPE_CHECKING:
     from relay.health import HealthServer
@@ -106,7 +106,7 @@ class Server:
         self._check_fd_limit(self.config)
         for warning in self.config.warnings:
             log.warning(warning)
-        await self._log_targets(self.config)
+        self._start_resolvers(self.config)
         try:
             for route in self.config.routes:
                 await self._open(route)
@@ -126,17 +126,6 @@ class Server:
         try:
             self.health_address = await self.health.start(address)
         except OSError as err:
-            self.health = None
-            if err.errno == errno.EADDRINUSE and not self.config.metrics_explicit:
-                # Two socat-style relays in one namespace (one per port, as the socat recipe has it) both
-                # default to 9464: the second serves its ports without the endpoint rather than exit.
-                log.warning(
-                    "metrics and health: %s is already in use (another relay in this network namespace?); "
-                    "running without /metrics, /healthz and /readyz. Set RELAY_METRICS to a free address "
-                    "to have them, or to off to silence this",
-                    address,
-                )
-                return
             raise ListenError(
                 f"cannot listen on {address} for metrics and health: {bind_error(err)}"
             ) from None
@@ -168,18 +157,28 @@ class Server:
     def _resolver(self, target: str) -> Resolver:
         key = (target, self.config.family)
         if key not in self.resolvers:
-            self.resolvers[key] = Resolver(target, self.config.family, lookup=self._lookup)
+            self.resolvers[key] = Resolver(
+                target,
+                self.config.family,
+                lookup=self._lookup,
+                on_problem=functools.partial(self._target_problem, f"target:{target}"),
+            )
         return self.resolvers[key]
 
-    async def _log_targets(self, config: Config) -> None:
+    def _start_resolvers(self, config: Config) -> None:
+        """Resolve each target in the background (a literal is only logged); never waits."""
         for target in dict.fromkeys(r.target for r in config.routes):
-            resolver = self._resolver(target)
-            try:
-                resolution = await resolver.resolve()
-            except ResolveError as err:
-                log.warning("target: %s; connections will fail until it does (%s)", err, HINTS["unresolved"])
-                continue
-            log.info(resolution.describe())
+            self._resolver(target).start()
+
+    def _target_problem(self, key: str, problem: str | None) -> None:
+        if problem is None:
+            self.problems.pop(key, None)
+        else:
+            self.problems[key] = problem
+
+    async def _close_resolvers(self) -> None:
+        for resolver in self.resolvers.values():
+            await resolver.close()
 
     def _check_fd_limit(self, config: Config) -> None:
         """Raise the open-files soft limit so max_connections cannot run into EMFILE; warn if it can't."""
@@ -214,7 +213,7 @@ class Server:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         try:
             self._start_app_watch()  # first: remember the app's /etc/hostname as early as possible
-            await self.start()
+            await self._start_unless_stopped()
             while True:
                 got = await self._signals.get()
                 if got == signal.SIGHUP:
@@ -229,6 +228,29 @@ class Server:
             await self._stop_app_watch()
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
+            await self._close_resolvers()
+
+    async def _start_unless_stopped(self) -> None:
+        """start(), cut short by a stop (SIGTERM, SIGINT, stop()): start is cancelled (closing what it
+        bound) and the stop is queued again for serve(). A SIGHUP meanwhile is queued again after start."""
+        starting = asyncio.ensure_future(self.start())
+        held: list[signal.Signals | str] = []
+        while not starting.done():
+            getter = asyncio.ensure_future(self._signals.get())
+            await asyncio.wait({starting, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()  # a cancelled get leaves the queue as it was
+            elif getter.result() == signal.SIGHUP:
+                held.append(getter.result())
+            else:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                self._signals.put_nowait(getter.result())
+                return
+        for sig in held:
+            self._signals.put_nowait(sig)
+        starting.result()  # ListenError and the like
 
     def stop(self, reason: str) -> None:
         """Make serve() drain and return, as SIGTERM does; `exit_reason` tells the CLI why."""
@@ -268,30 +290,23 @@ class Server:
             len(self.connections),
             limit,
         )
-        waited_from, cut_short = time.monotonic(), False
         if shared.connections:
             waiter = asyncio.ensure_future(shared.drained.wait())
             second = asyncio.ensure_future(self._second_signal())
             await asyncio.wait({waiter, second}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
-            cut_short = second.done()
             for task in (waiter, second):
                 task.cancel()
-        waited = time.monotonic() - waited_from
         left = list(shared.connections)
         for conn in left:
             conn.close("shutdown")
         if left:
-            log.warning(
-                "drain: closed %d connection(s) still open after %.1fs%s",
-                len(left),
-                waited,
-                f" (a second signal ended the {limit:g}s drain)" if cut_short else "",
-            )
+            log.warning("drain: closed %d connection(s) still open after %gs", len(left), limit)
             if shared.connections:  # let the resets reach the kernel and the pairs finish
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(shared.drained.wait(), timeout=1.0)
         if self.health is not None:
             await self.health.close()
+        await self._close_resolvers()
         log.info("stopped")
 
     async def _second_signal(self) -> None:
@@ -327,7 +342,7 @@ class Server:
         self.shared.config = new
         opened: list[Route] = []
         try:
-            await self._log_targets(Config(routes=tuple(added)))
+            self._start_resolvers(Config(routes=tuple(added)))
             for route in added:
                 await self._open(route)
                 opened.append(route)

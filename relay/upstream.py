@@ -2,34 +2,54 @@
 
 `auto` (and a literal host.docker.internal / host.containers.internal that does not resolve) walks the
 chain docker-host users know: host.docker.internal -> host.containers.internal -> the default gateway
-from /proc/net/route. Results are cached for a few seconds so a changed address is picked up without a
-lookup per connection. Connecting tries every resolved address, staggered in the happy-eyeballs manner.
+from /proc/net/route. Connecting tries every resolved address, staggered in the happy-eyeballs manner.
+
+Rules of the Resolver (name resolution never sits on a connection's path):
+1. A literal address is its own answer, once and forever: no lookup, no task, no clock.
+2. `resolve()` returns the last good answer at once, however old (stale-while-revalidate). Only before the
+   first answer does it wait, joining the walk in flight; its caller bounds that wait (connect timeout).
+3. `run()` (one tracked task per target, started by the server after binding, ended by `close()`) walks
+   the chain in the background: at once, then every REFRESH_SECONDS, and soon after `failed()` (a connect
+   to the answer failed), but not more often than every FAILED_REFRESH_GAP.
+4. Every lookup of a name has its own time bound (LOOKUP_TIMEOUT), whatever the system resolver's timeout
+   x attempts; a name that fails or times out is not asked again for NEGATIVE_SECONDS. One walk per target
+   and one lookup per name run at a time. A name lower in the chain is asked STAGGER after a higher one
+   that has not answered yet, so a DNS server that never answers delays the first answer by one time
+   bound, not one per name.
+5. The first answer and each change of address are logged once; lookups are counted by name and result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import errno
+import ipaddress
 import logging
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from relay import hints
 from relay.config import AUTO, Family
 
 log = logging.getLogger("relay")
 
 CHAIN = ("host.docker.internal", "host.containers.internal")
 ROUTE_FILE = "/proc/net/route"
-CACHE_SECONDS = 5.0
+REFRESH_SECONDS = 30.0  # a good answer is checked again this often, in the background
+NEGATIVE_SECONDS = 30.0  # a name that did not resolve is not asked again for this long
+LOOKUP_TIMEOUT = 2.0  # one name's lookup; slower counts as no answer
+STAGGER = 0.25  # ask the next name of the chain when the one before has not answered in this time
+FAILED_REFRESH_GAP = 5.0  # refreshes caused by connect failures are at least this far apart
+LOOKUP_RESULTS = ("ok", "failed", "timeout")
 HAPPY_EYEBALLS_DELAY = 0.25
 FAMILIES = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
-
-REFUSED_HINT = "is the host service listening on 0.0.0.0 / the docker0 address rather than 127.0.0.1?"
-TIMEOUT_HINT = "a host firewall (ufw, firewalld) dropping the connection, or a wrong address?"
-UNRESOLVED_HINT = 'add extra_hosts: ["host.docker.internal:host-gateway"] to the app service'
 
 
 Lookup = Callable[..., Awaitable[list[tuple[Any, ...]]]]  # loop.getaddrinfo's shape
@@ -84,76 +104,286 @@ def chain_for(target: str) -> tuple[str, ...]:
     return (target,)
 
 
+def literal(target: str, family: int) -> Resolution | None:
+    """The answer for an IP address written as the target (of the configured family), else None."""
+    try:
+        version = ipaddress.ip_address(target).version
+    except ValueError:
+        return None
+    if family != socket.AF_UNSPEC and family != (socket.AF_INET if version == 4 else socket.AF_INET6):
+        return None  # let the lookup say why it does not fit
+    return Resolution(target, (target,), "literal", f"{target} -> {target} (literal)")
+
+
+class SystemLookup:
+    """getaddrinfo in a daemon thread per name.
+
+    Why not loop.getaddrinfo: asyncio's default executor is joined when the loop is closed, so a lookup
+    hanging on a DNS server that never answers would hold up the exit for the resolver's whole timeout x
+    attempts; a daemon thread cannot. A name already being asked is not asked again until its thread
+    returns, so time-bounded waiters never pile up threads.
+    """
+
+    def __init__(self, getaddrinfo: Callable[..., list[tuple[Any, ...]]] = socket.getaddrinfo) -> None:
+        self._getaddrinfo = getaddrinfo
+        self._running: dict[tuple[Any, ...], concurrent.futures.Future[list[tuple[Any, ...]]]] = {}
+        self._lock = threading.Lock()
+
+    async def __call__(
+        self, host: str, port: Any, *, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
+    ) -> list[tuple[Any, ...]]:
+        key = (host, port, family, type, proto, flags)
+        with self._lock:
+            future = self._running.get(key)
+            if future is None:
+                future = concurrent.futures.Future()
+                future.set_running_or_notify_cancel()  # a waiter that gives up cannot cancel it for others
+                self._running[key] = future
+                thread = threading.Thread(target=self._ask, args=(key, future), name="lookup", daemon=True)
+                thread.start()
+        return await asyncio.wrap_future(future)
+
+    def _ask(self, key: tuple[Any, ...], future: concurrent.futures.Future[list[tuple[Any, ...]]]) -> None:
+        try:
+            result = self._getaddrinfo(*key)
+        except BaseException as exc:
+            with self._lock:
+                del self._running[key]
+            future.set_exception(exc)
+        else:
+            with self._lock:
+                del self._running[key]
+            future.set_result(result)
+
+
+system_lookup = SystemLookup()
+
+
 class Resolver:
-    """Resolves one target spec, with a short cache; shared by every route with that target."""
+    """Resolves one target spec off the connections' path; shared by every route with that target."""
 
     def __init__(
         self,
         target: str,
         family: Family = "any",
         *,
-        ttl: float = CACHE_SECONDS,
+        refresh_every: float = REFRESH_SECONDS,
+        negative: float = NEGATIVE_SECONDS,
+        lookup_timeout: float = LOOKUP_TIMEOUT,
+        stagger: float = STAGGER,
+        failed_gap: float = FAILED_REFRESH_GAP,
         gateway: Callable[[], str | None] = read_default_gateway,
         lookup: Lookup | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_problem: Callable[[str | None], None] | None = None,
     ) -> None:
         self.target = target
         self.family = FAMILIES[family]
-        self.ttl = ttl
+        self.refresh_every = refresh_every
+        self.negative = negative
+        self.lookup_timeout = lookup_timeout
+        self.stagger = stagger
+        self.failed_gap = failed_gap
         self._gateway = gateway
-        self._lookup = lookup
-        self._cached: Resolution | None = None
-        self._expires = 0.0
-        self._lock: asyncio.Lock | None = None
-        self.last: Resolution | None = None
+        self._lookup: Lookup = lookup or system_lookup
+        self._clock = clock
+        self._on_problem = on_problem
+        self.last: Resolution | None = literal(target, self.family)  # the answer connections get
+        self.error: str | None = None  # why the latest walk found nothing (the last answer still serves)
+        self.lookups: Counter[tuple[str, str]] = Counter()  # (name, result) -> count, for metrics
+        self._negative: dict[str, float] = {}  # name -> clock time before which it is not asked again
+        self._asking: dict[str, asyncio.Task[tuple[str, ...]]] = {}
+        self._walk: asyncio.Task[Resolution | ResolveError] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._announce = False
+        self._closed = False
+
+    @property
+    def is_literal(self) -> bool:
+        return self.last is not None and self.last.source == "literal"
+
+    # --- what connections use ---------------------------------------------------------------------------
 
     async def resolve(self) -> Resolution:
-        now = time.monotonic()
-        if self._cached is not None and now < self._expires:
-            return self._cached
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:  # one lookup at a time, whatever the connection rate
-            if self._cached is not None and time.monotonic() < self._expires:
-                return self._cached
-            try:
-                result = await self._walk()
-            finally:
-                self._expires = time.monotonic() + self.ttl
-            if self.last is not None and result.addresses != self.last.addresses:
-                log.info("target changed: %s", result.note)
-            self._cached = self.last = result
-            return result
+        """The last good answer at once; before the first one, wait for the walk in flight."""
+        last = self.last
+        if last is not None:
+            return last
+        if self._closed:
+            raise ResolveError(f"{self.target}: the relay stopped before it resolved")
+        walk = self._start_walk()
+        try:
+            result = await asyncio.shield(walk)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if walk.cancelled() and task is not None and not task.cancelling():
+                raise ResolveError(f"{self.target}: the relay stopped before it resolved") from None
+            raise
+        if isinstance(result, ResolveError):
+            raise ResolveError(str(result))  # a fresh one: raising the stored one would grow its traceback
+        return result
 
-    async def _walk(self) -> Resolution:
-        lookup = self._lookup or asyncio.get_running_loop().getaddrinfo
+    async def refresh(self) -> Resolution | ResolveError:
+        """Walk the chain now (or join the walk in flight) and return its outcome; connections keep
+        getting the last answer meanwhile."""
+        return await self._start_walk()
+
+    def failed(self) -> None:
+        """A connect to the current answer failed: look again soon, in the background. Cheap at any rate."""
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- the background schedule ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start resolving in the background and log the answers; a literal is only logged."""
+        self._announce = True
+        if self.is_literal:
+            assert self.last is not None
+            log.info(self.last.describe())
+        elif self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self) -> None:
+        """Walk now, then every `refresh_every` seconds or, not sooner than `failed_gap` after the last walk,
+        when `failed()` was called."""
+        wake = self._wake = asyncio.Event()
+        while True:
+            wake.clear()
+            walked = self._clock()
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.refresh_every):
+                    await wake.wait()
+            if wake.is_set():
+                await asyncio.sleep(max(0.0, walked + self.failed_gap - self._clock()))
+
+    async def close(self) -> None:
+        """Cancel the schedule, the walk and the lookups in flight (a lookup thread just ends unheard)."""
+        self._closed = True
+        tasks = [t for t in (self._runner, self._walk, *self._asking.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # --- walking the chain ---------------------------------------------------------------------------
+
+    def _start_walk(self) -> asyncio.Task[Resolution | ResolveError]:
+        if self._walk is None or self._walk.done():
+            self._walk = asyncio.get_running_loop().create_task(self._walk_and_record())
+        return self._walk
+
+    async def _walk_and_record(self) -> Resolution | ResolveError:
+        """One walk; the result is returned, not raised, so a walk nobody waits for raises nothing."""
+        try:
+            result = await self._walk_chain()
+        except ResolveError as err:
+            self._record_failure(err)
+            return err
+        self._record(result)
+        return result
+
+    def _record(self, result: Resolution) -> None:
+        last = self.last
+        if self._announce:
+            if last is None:
+                log.info(result.describe())
+            elif result.addresses != last.addresses:
+                log.info("target changed: %s (was %s)", result.note, ", ".join(last.addresses))
+        self.last, self.error = result, None
+        if self._on_problem is not None:
+            self._on_problem(None)
+
+    def _record_failure(self, err: ResolveError) -> None:
+        first = self.error is None
+        self.error = str(err)
+        if self.last is not None:
+            if first and self._announce:
+                log.warning("target: %s; still using %s", err, ", ".join(self.last.addresses))
+            return
+        if first and self._announce:
+            hint = hints.unresolved(self.target)
+            log.warning("target: %s; connections will fail until it does (%s)", err, hint)
+        if self._on_problem is not None:
+            self._on_problem(f"target {self.target}: {err}")
+
+    async def _walk_chain(self) -> Resolution:
+        chain = chain_for(self.target)
+        names = [name for name in chain if name]  # "" (the gateway) is read at once, last
+        asks = [self._ask(names[0])] if names else []
         failed: list[str] = []
-        for name in chain_for(self.target):
-            if not name:
-                gateway = self._gateway()
-                if gateway is None:
-                    names = " nor ".join(failed)
-                    raise ResolveError(f"{names} does not resolve and {ROUTE_FILE} has no default gateway")
-                why = (
-                    f"{failed[0]} does not resolve; using default gateway {gateway}"
-                    if failed
-                    else (f"default gateway {gateway}")
-                )
-                return Resolution(gateway, (gateway,), "gateway", why)
-            try:
-                infos = await lookup(name, None, family=self.family, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError):
-                failed.append(name)
-                continue
+        for i, name in enumerate(names):
+            ask = asks[i]
+            while not ask.done():
+                if len(asks) < len(names):  # this name is slow: ask the next one meanwhile
+                    await asyncio.wait({ask}, timeout=self.stagger)
+                    if not ask.done():
+                        asks.append(self._ask(names[len(asks)]))
+                else:
+                    await asyncio.wait({ask})
+            addresses = ask.result()
+            if addresses:
+                source = "literal" if addresses == (name,) else "resolved"
+                note = f"{name} -> {', '.join(addresses)} ({source})"
+                if failed:
+                    note = f"{failed[0]} does not resolve; using {note}"
+                return Resolution(name, addresses, source, note)
+            failed.append(name)
+            if len(asks) == i + 1 and i + 1 < len(names):
+                asks.append(self._ask(names[i + 1]))
+        if "" not in chain:
+            raise ResolveError(f"{self.target} does not resolve")
+        gateway = self._gateway()
+        if gateway is None:
+            said = (
+                f"neither {' nor '.join(failed)} resolves"
+                if len(failed) > 1
+                else f"{failed[0]} does not resolve"
+            )
+            raise ResolveError(f"{said}, and {ROUTE_FILE} has no default gateway")
+        why = (
+            f"{failed[0]} does not resolve; using default gateway {gateway}"
+            if failed
+            else f"default gateway {gateway}"
+        )
+        return Resolution(gateway, (gateway,), "gateway", why)
+
+    def _ask(self, name: str) -> asyncio.Future[tuple[str, ...]]:
+        """The lookup of `name` in flight, a new one, or at once () while it is remembered as failed."""
+        loop = asyncio.get_running_loop()
+        asking = self._asking.get(name)
+        if asking is not None:
+            return asking
+        if self._clock() < self._negative.get(name, float("-inf")):
+            remembered: asyncio.Future[tuple[str, ...]] = loop.create_future()
+            remembered.set_result(())
+            return remembered
+        task = loop.create_task(self._lookup_name(name))
+        self._asking[name] = task
+        task.add_done_callback(lambda _: self._asking.pop(name, None))
+        return task
+
+    async def _lookup_name(self, name: str) -> tuple[str, ...]:
+        addresses: tuple[str, ...] = ()
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                infos = await self._lookup(name, None, family=self.family, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            result = "timeout"
+        except (OSError, UnicodeError):  # socket.gaierror is an OSError
+            result = "failed"
+        else:
             addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
-            if not addresses:
-                failed.append(name)
-                continue
-            source = "literal" if addresses == (name,) else "resolved"
-            note = f"{name} -> {', '.join(addresses)} ({source})"
-            if failed:
-                note = f"{failed[0]} does not resolve; using {note}"
-            return Resolution(name, addresses, source, note)
-        raise ResolveError(f"{self.target} does not resolve")
+            result = "ok" if addresses else "failed"
+        self.lookups[(name, result)] += 1
+        if addresses:
+            self._negative.pop(name, None)
+        else:
+            self._negative[name] = self._clock() + self.negative
+            log.debug("lookup of %s: %s; not asked again for %gs", name, result, self.negative)
+        return addresses
 
 
 def backoff_delays(
@@ -179,9 +409,6 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno in (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "timeout"
     return "other"
-
-
-HINTS = {"refused": REFUSED_HINT, "timeout": TIMEOUT_HINT, "unresolved": UNRESOLVED_HINT}
 
 
 async def open_connection(

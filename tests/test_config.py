@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from relay.address import HostPort
 from relay.config import Config, ConfigError, Raw, Route, load
-from relay.upstream import Resolver
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -269,82 +264,6 @@ def test_example_config_documents_every_key() -> None:
     for key in FILE_KEYS:
         assert f"{key}:" in text, key
     load({}, {}, str(example))
-
-
-# --- target resolution ------------------------------------------------------------------------------------
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-async def fails(name: str, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
-    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-
-
-Lookup = Callable[..., Awaitable[list[tuple[Any, ...]]]]
-
-
-def resolves(table: dict[str, str]) -> Lookup:
-    async def lookup(name: str, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
-        if name not in table:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (table[name], 0))]
-
-    return lookup
-
-
-def test_auto_prefers_host_docker_internal() -> None:
-    resolver = Resolver(
-        "auto", lookup=resolves({"host.docker.internal": "172.17.0.1"}), gateway=lambda: "10.9.9.9"
-    )
-    result = run(resolver.resolve())
-    assert (result.addresses, result.source) == (("172.17.0.1",), "resolved")
-    assert result.describe() == "target: host.docker.internal -> 172.17.0.1 (resolved)"
-
-
-def test_auto_falls_back_to_podman_name_then_gateway() -> None:
-    podman = Resolver(
-        "auto", lookup=resolves({"host.containers.internal": "10.88.0.1"}), gateway=lambda: None
-    )
-    assert run(podman.resolve()).note == (
-        "host.docker.internal does not resolve; using host.containers.internal -> 10.88.0.1 (resolved)"
-    )
-    gateway = Resolver("host.docker.internal", lookup=fails, gateway=lambda: "172.18.0.1")
-    result = run(gateway.resolve())
-    assert (result.addresses, result.source) == (("172.18.0.1",), "gateway")
-    assert (
-        result.describe() == "target: host.docker.internal does not resolve; using default gateway 172.18.0.1"
-    )
-
-
-def test_named_target_does_not_fall_back() -> None:
-    from relay.upstream import ResolveError
-
-    resolver = Resolver("db.internal", lookup=fails, gateway=lambda: "172.18.0.1")
-    with pytest.raises(ResolveError, match=r"db\.internal does not resolve"):
-        run(resolver.resolve())
-
-
-def test_resolution_is_cached_briefly() -> None:
-    calls: list[str] = []
-    table = {"host.docker.internal": "172.17.0.1"}
-    inner = resolves(table)
-
-    async def counting(name: str, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
-        calls.append(name)
-        return await inner(name)
-
-    async def scenario() -> None:
-        resolver = Resolver("auto", lookup=counting, ttl=0.2)
-        await resolver.resolve()
-        await resolver.resolve()
-        assert calls == ["host.docker.internal"]
-        table["host.docker.internal"] = "172.17.0.9"
-        await asyncio.sleep(0.25)  # past the cache lifetime under test
-        assert (await resolver.resolve()).addresses == ("172.17.0.9",)
-
-    run(scenario())
 
 
 def test_config_is_frozen() -> None:
