@@ -1,0 +1,111 @@
+"""The soak and fault run of issue 8: ``python -m soak`` (``scripts/soak`` bootstraps first).
+
+Drives verified traffic through real relay processes for a bounded time while injecting faults, prints
+the figures, exits 1 when a pass condition fails (2 on bad arguments), and with ``--write-doc`` writes
+docs/reliability.md. ``--json FILE`` saves the figures for tests and tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from bench import proc
+from bench import report as bench_report
+from soak import report
+from soak.run import Plan, SoakError, soak
+
+REPO = Path(__file__).resolve().parent.parent
+MACHINE_KEYS = ("relay", "CPU", "memory", "kernel", "distribution", "Python", "uvloop")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"soak: error: {message}; see python -m soak --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 24 * 60:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1440 (exclusive of 0)")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m soak", description=(__doc__ or "").splitlines()[0])
+    length = p.add_mutually_exclusive_group()
+    length.add_argument(
+        "--seconds", type=_positive, help="length of the load (default 60: the CI short form)"
+    )
+    length.add_argument("--minutes", type=_positive, help="length of the load in minutes, for long runs")
+    p.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
+    p.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="loop of the main relay"
+    )
+    p.add_argument("--no-blackhole", action="store_true", help="skip the resolver black hole (needs root)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--write-doc", action="store_true", help="write docs/reliability.md (or --doc)")
+    p.add_argument("--doc", type=Path, default=REPO / "docs" / "reliability.md", help=argparse.SUPPRESS)
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, relay logs)")
+    args = p.parse_args(argv)
+    args.length = args.minutes * 60 if args.minutes else (args.seconds or 60.0)
+    return args
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds every `with`: processes stopped, namespaces deleted
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    plan = Plan(seconds=args.length, seed=args.seed, loop=args.loop, blackhole=not args.no_blackhole)
+    command = "scripts/soak " + shlex.join(sys.argv[1:] if argv is None else argv)
+    machine = [(k, v) for k, v in dict(bench_report.machine(sys.executable)).items() if k in MACHINE_KEYS]
+    print(f"soak: {args.length:g} s of load, seed {args.seed}", file=sys.stderr, flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="relay-soak-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            fig = asyncio.run(soak(plan, workdir, stack))
+    except SoakError as err:
+        print(f"soak: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"soak: work directory kept: {workdir}", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    if left := proc.leftovers():
+        fig["problems"].append(f"processes left running: {left}")
+    fig["command"] = command
+    fig["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    fig["machine"] = machine
+    fig["checks"] = [c.__dict__ for c in report.checks(fig)]
+    fig["passed"] = report.passed(fig)
+    print("\n".join(report.summary(fig)), file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(fig, indent=1))
+    if args.write_doc:
+        args.doc.write_text(report.document(fig, command, machine))
+        print(f"soak: wrote {args.doc}", file=sys.stderr)
+    return 0 if fig["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
