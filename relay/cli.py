@@ -29,6 +29,8 @@ COMMANDS = ("run", "check", "healthcheck")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # argparse copies arguments into its message as they are: a line break in one made two lines.
+        message = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
         raise ConfigError(f"command line: {message}; see '{self.prog} --help'")
 
 

@@ -198,6 +198,24 @@ def test_backoff_schedule(budget: float, delays: list[float]) -> None:
     assert sum(got) <= budget
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # argparse copied the argument into its message as it was: two lines.
+        (["--ports", "80", "a\nb"], "command line: unrecognized arguments: a\\nb; see 'relay --help'"),
+        (["\r"], "command line: unrecognized arguments: \\r; see"),
+        (["--ports"], "command line: argument --ports: expected one argument"),
+    ],
+)
+def test_command_line_errors_are_one_line(argv: list[str], message: str) -> None:
+    from relay.cli import parse
+
+    with pytest.raises(ConfigError) as err:
+        parse(argv, {})
+    assert str(err.value).startswith(message)
+    assert len(str(err.value).splitlines()) == 1
+
+
 # --- socat argv ---------------------------------------------------------------------------------------
 
 SEED = ["-d", "tcp-listen:8000,fork,reuseaddr", "tcp-connect:host.docker.internal:8000"]
