@@ -359,6 +359,18 @@ class Connection:
         if shared.drained is not None and not shared.connections:
             shared.drained.set()
 
+    # --- the audit's safety net (audit.py) ------------------------------------------------------------
+
+    def stuck(self) -> bool:
+        """Both sockets gone and no connect under way: no event is left that could finish this pair."""
+        task = self.task
+        return (task is None or task.done()) and _gone(self.client) and _gone(self.target)
+
+    def reap(self) -> None:
+        self.client.lost = self.target.lost = True
+        self.ctx.stats.reaped += 1
+        self._finish()
+
     # --- timers --------------------------------------------------------------------------------------------
 
     def _idle_check(self) -> None:
@@ -374,6 +386,16 @@ class Connection:
             self.close("idle_timeout")
             return
         self._idle_timer = loop.call_later(timeout / 4, self._idle_check)
+
+
+def _gone(side: Side) -> bool:
+    """Lost, never opened, or closing with nothing left to write (connection_lost is then due)."""
+    transport = side.transport
+    return (
+        side.lost
+        or transport is None
+        or (transport.is_closing() and not transport.get_write_buffer_size())
+    )
 
 
 def _shut(side: Side, *, graceful: bool) -> None:

@@ -28,6 +28,9 @@ log = logging.getLogger("relay")
 
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
+# Scrapers and probes at once; more are closed at once, so that slow or stuck HTTP clients cannot eat
+# the descriptors kept in reserve for the relay itself (server.FD_RESERVE).
+MAX_CLIENTS = 8
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -76,6 +79,9 @@ class HealthServer:
             await asyncio.wait(self._clients, timeout=1.0)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= MAX_CLIENTS:
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)

@@ -3,6 +3,16 @@
 IPv6 sockets are v6-only so that 0.0.0.0 and :: (or 127.0.0.1 and ::1) on one port never clash.
 When the kernel has no IPv6 (a container started with it disabled), ::1 is skipped with one info line.
 Port 0 binds an ephemeral port; the other addresses of the same route then take that same port.
+
+Rules of the accept loop (ours, not the event loop's):
+1. Out of descriptors, a waiting client is reset at once and reported (`on_fd_limit`), never left to
+   guess. The loops' own accept loops do not tell: asyncio only logs through its exception handler and
+   leaves the client waiting; uvloop (libuv) silently accepts and closes it. One descriptor is held in
+   reserve for this: released to accept the client, then taken again.
+2. At most ACCEPT_BATCH accepts per wake-up, so a flood of new clients cannot starve the open ones.
+3. Every accepted socket ends up either handed to the loop as a transport (the connection then owns
+   it) or closed here. The tasks that hand sockets over are tracked; they end within a loop turn or two
+   and are not cancelled (a cancelled hand-over would orphan its socket).
 """
 
 from __future__ import annotations
@@ -10,30 +20,137 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from relay.address import HostPort
 from relay.config import Route
+from relay.pump import LINGER_RST
 
 log = logging.getLogger("relay")
 
 NO_IPV6 = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_BATCH = 64
+RETRY_SECONDS = 0.1  # pause accepting this long when even the reserve descriptor is gone
 
 
 class ListenError(Exception):
     """A listen address that cannot be bound; the message names it (exit code 1)."""
 
 
-@dataclass(slots=True)
+class Reserve:
+    """One descriptor kept open so that a client can still be accepted (and reset) when the process is
+    out of descriptors."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self.take()
+
+    def take(self) -> bool:
+        if self._fd is None:
+            try:
+                self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        return True
+
+    def release(self) -> bool:
+        if self._fd is None:
+            return False
+        os.close(self._fd)
+        self._fd = None
+        return True
+
+    def close(self) -> None:
+        self.release()
+
+
+@dataclass(slots=True, eq=False)
 class Listener:
     route: Route
     address: HostPort  # as bound: the real port when 0 was asked for
-    server: asyncio.AbstractServer
+    sock: socket.socket
+    factory: Callable[[], asyncio.BaseProtocol]
+    on_fd_limit: Callable[[OSError], None]
+    reserve: Reserve
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    _handing: set[asyncio.Task[None]] = field(default_factory=set)
+    _retry: asyncio.TimerHandle | None = None
+    closed: bool = False
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._accept)
 
     def close(self) -> None:
-        self.server.close()
+        if self.closed:
+            return
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _accept(self) -> None:
+        loop, factory = self.loop, self.factory
+        for _ in range(ACCEPT_BATCH):  # rule 2
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as err:
+                if err.errno in OUT_OF_DESCRIPTORS:
+                    self._out_of_descriptors(err)
+                else:
+                    log.warning("%s: accept on %s failed: %s", self.route.name, self.address, err)
+                    self._pause()
+                return
+            conn.setblocking(False)
+            task = loop.create_task(self._hand_over(conn, factory))
+            self._handing.add(task)
+            task.add_done_callback(self._handing.discard)
+
+    async def _hand_over(self, conn: socket.socket, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        try:
+            await self.loop.connect_accepted_socket(factory, conn)
+        except OSError as err:  # the client left between accept and here
+            conn.close()
+            log.debug("%s: a client left before it was taken over: %s", self.route.name, err)
+
+    def _out_of_descriptors(self, err: OSError) -> None:
+        """Rule 1: accept the waiting client on the reserve descriptor and reset it, one per call."""
+        if not self.reserve.release():
+            self._pause()
+            return
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            conn = None
+        self.reserve.take()
+        if conn is not None:
+            with conn:
+                try:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+                except OSError:
+                    pass  # it reset already; closing is all there is to do
+            self.on_fd_limit(err)
+        if not self.reserve.take():
+            self._pause()
+
+    def _pause(self) -> None:
+        """Stop watching the socket for RETRY_SECONDS (clients wait in the backlog meanwhile)."""
+        if self._retry is None and not self.closed:
+            self.loop.remove_reader(self.sock.fileno())
+            self._retry = self.loop.call_later(RETRY_SECONDS, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self.closed:
+            self.reserve.take()
+            self.start()
 
 
 def bind(host: str, port: int, *, backlog: int, reuseport: bool) -> socket.socket:
@@ -54,19 +171,20 @@ def bind(host: str, port: int, *, backlog: int, reuseport: bool) -> socket.socke
     return sock
 
 
-async def open_route(
+def open_route(
     route: Route,
     factory: Callable[[], asyncio.BaseProtocol],
     *,
     backlog: int,
     reuseport: bool,
     skipped: set[str],
+    on_fd_limit: Callable[[OSError], None],
+    reserve: Reserve,
 ) -> list[Listener]:
     """Listen on every address of the route; on failure close what was opened and raise ListenError.
 
     Addresses left out because the kernel lacks IPv6 are added to `skipped`.
     """
-    loop = asyncio.get_running_loop()
     listeners: list[Listener] = []
     chosen_port = 0
     try:
@@ -84,8 +202,9 @@ async def open_route(
                 ) from None
             bound = HostPort(want.host, sock.getsockname()[1])
             chosen_port = chosen_port or bound.port
-            server = await loop.create_server(factory, sock=sock, backlog=backlog)
-            listeners.append(Listener(route, bound, server))
+            listener = Listener(route, bound, sock, factory, on_fd_limit, reserve)
+            listener.start()
+            listeners.append(listener)
     except BaseException:
         for listener in listeners:
             listener.close()

@@ -53,6 +53,11 @@ class RelayCollector(Collector):
         duration = HistogramMetricFamily(
             "relay_connection_duration_seconds", "Lifetime of closed connections", labels=["route"]
         )
+        reaped = CounterMetricFamily(
+            "relay_connections_reaped",
+            "Connections the periodic audit finished because nothing else could (a loop bug; expect 0)",
+            labels=["route"],
+        )
         live: dict[str, tuple[int, int]] = {}
         for conn in server.connections:
             name = conn.ctx.route.name
@@ -70,7 +75,8 @@ class RelayCollector(Collector):
             bytes_total.add_metric([name, "target_to_client"], stats.bytes_t2c + t2c)
             connect.add_metric([name], *_buckets(stats.connect_seconds))
             duration.add_metric([name], *_buckets(stats.duration_seconds))
-        yield from (accepted, active, closed, errors, bytes_total, connect, duration)
+            reaped.add_metric([name], stats.reaped)
+        yield from (accepted, active, closed, errors, bytes_total, connect, duration, reaped)
         yield self._listeners()
         yield self._targets()
         yield self._lookups()
@@ -125,7 +131,6 @@ class RelayCollector(Collector):
         )
         stranded.add_metric([], 1 if STRANDED in server.problems or APP_REMOVED in server.problems else 0)
         yield from (watching, stranded)
-
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:

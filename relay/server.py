@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import resource
 import signal
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from relay import __version__
+from relay import __version__, logs
 from relay.address import HostPort, format_hostport, is_loopback
+from relay.audit import FD_PROBLEM, Audit
 from relay.config import Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared, own_addresses
-from relay.listener import Listener, ListenError, bind_error, open_route
+from relay.listener import Listener, ListenError, Reserve, bind_error, open_route
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
 from relay.upstream import Lookup, Resolver
@@ -71,6 +74,8 @@ class Server:
         self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
         self.health: HealthServer | None = None
         self.health_address: HostPort | None = None  # as bound (the real port when 0 was asked for)
+        self._reserve = Reserve()  # one descriptor kept back to reset clients when none is left
+        self.audit = Audit(self.shared, reserve=FD_RESERVE // 2)
         # Signals, and stops the relay asks for itself (a reason string, e.g. APP_RESTARTED).
         self._signals: asyncio.Queue[signal.Signals | str] = asyncio.Queue()
         self.exit_reason: str | None = None  # set by stop(): why serve() returned without a signal
@@ -114,7 +119,9 @@ class Server:
                 await self._start_health(self.config.metrics)
         except BaseException:
             self._close_listeners(list(self.routes))
+            self._reserve.close()
             raise
+        self.audit.start()
         log.info(
             "ready: relay %s, %d route(s), %d listener(s)", __version__, len(self.routes), len(self.listeners)
         )
@@ -126,6 +133,17 @@ class Server:
         try:
             self.health_address = await self.health.start(address)
         except OSError as err:
+            self.health = None
+            if err.errno == errno.EADDRINUSE and not self.config.metrics_explicit:
+                # Two socat-style relays in one namespace (one per port, as the socat recipe has it) both
+                # default to 9464: the second serves its ports without the endpoint rather than exit.
+                log.warning(
+                    "metrics and health: %s is already in use (another relay in this network namespace?); "
+                    "running without /metrics, /healthz and /readyz. Set RELAY_METRICS to a free address "
+                    "to have them, or to off to silence this",
+                    address,
+                )
+                return
             raise ListenError(
                 f"cannot listen on {address} for metrics and health: {bind_error(err)}"
             ) from None
@@ -135,12 +153,14 @@ class Server:
         ctx = RouteContext(
             route, self._resolver(route.target), self.stats.setdefault(route.name, RouteStats()), self.shared
         )
-        listeners = await open_route(
+        listeners = open_route(
             route,
             lambda: Connection(ctx).client,
             backlog=self.config.backlog,
             reuseport=self.config.reuseport,
             skipped=self.skipped_hosts,
+            on_fd_limit=functools.partial(self._fd_limit, ctx),
+            reserve=self._reserve,
         )
         self.routes[route] = ActiveRoute(ctx, listeners)
         self.shared.own.update(own_addresses(lst.address for lst in listeners))
@@ -179,6 +199,18 @@ class Server:
     async def _close_resolvers(self) -> None:
         for resolver in self.resolvers.values():
             await resolver.close()
+
+    def _fd_limit(self, ctx: RouteContext, err: OSError) -> None:
+        """A client was reset at accept for lack of a descriptor (listener.py rule 1)."""
+        ctx.stats.accepted += 1
+        ctx.stats.closed["fd_limit"] += 1
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        message = (
+            f"out of file descriptors ({err.strerror}; limit {soft}): new connections are reset at once; "
+            "raise the limit (ulimits: nofile in compose) or lower max_connections"
+        )
+        self.problems[FD_PROBLEM] = message
+        self.shared.warnings.warning("fd_limit", f"{ctx.route.name}: {message}", route=ctx.route.name)
 
     def _check_fd_limit(self, config: Config) -> None:
         """Raise the open-files soft limit so max_connections cannot run into EMFILE; warn if it can't."""
@@ -276,7 +308,6 @@ class Server:
         if not task.cancelled() and task.exception() is not None:
             log.error("app watch failed: %r", task.exception())
 
-
     async def drain(self, why: str = "stop", timeout: float | None = None) -> None:
         """`timeout` (default: drain_timeout) bounds the wait for live connections."""
         limit = self.config.drain_timeout if timeout is None else timeout
@@ -290,23 +321,33 @@ class Server:
             len(self.connections),
             limit,
         )
+        waited_from, cut_short = time.monotonic(), False
         if shared.connections:
             waiter = asyncio.ensure_future(shared.drained.wait())
             second = asyncio.ensure_future(self._second_signal())
             await asyncio.wait({waiter, second}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            cut_short = second.done()
             for task in (waiter, second):
                 task.cancel()
+        waited = time.monotonic() - waited_from
         left = list(shared.connections)
         for conn in left:
             conn.close("shutdown")
         if left:
-            log.warning("drain: closed %d connection(s) still open after %gs", len(left), limit)
+            log.warning(
+                "drain: closed %d connection(s) still open after %.1fs%s",
+                len(left),
+                waited,
+                f" (a second signal ended the {limit:g}s drain)" if cut_short else "",
+            )
             if shared.connections:  # let the resets reach the kernel and the pairs finish
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(shared.drained.wait(), timeout=1.0)
         if self.health is not None:
             await self.health.close()
         await self._close_resolvers()
+        self.audit.stop()
+        self._reserve.close()
         log.info("stopped")
 
     async def _second_signal(self) -> None:
@@ -334,7 +375,7 @@ class Server:
         except ConfigError as err:
             log.error("reload failed, keeping the running configuration: %s", err)
             return
-        old_routes, new_routes = set(self.routes), set(new.routes)
+        old, old_routes, new_routes = self.config, set(self.routes), set(new.routes)
         removed = [r for r in self.routes if r not in new_routes]
         added = [r for r in new.routes if r not in old_routes]
         self._close_listeners(removed)
@@ -353,12 +394,76 @@ class Server:
                 del self.routes[route]
         for route in removed:
             del self.routes[route]
+        changed = await self._apply_settings(old)
         log.info(
-            "reloaded: %d route(s) added, %d removed, %d unchanged",
+            "reloaded: %d route(s) added, %d removed, %d unchanged%s",
             len(added),
             len(removed),
             len(old_routes & new_routes),
+            f"; settings changed: {', '.join(changed)}" if changed else "",
         )
+
+    async def _apply_settings(self, old: Config) -> list[str]:
+        """Apply the reloaded settings other than routes; say plainly which ones need a restart.
+
+        Timeouts, limits, keepalive and drain_timeout are read per connection (shared.config): they apply
+        to connections from now on. metrics rebinds, the log settings and family take effect at once.
+        """
+        self._check_fd_limit(self.config)  # may lower max_connections again, as at start
+        new = self.config
+        changed = [
+            f"{name} ({_setting(getattr(old, name))} -> {_setting(getattr(new, name))})"
+            for name in SETTINGS
+            if getattr(old, name) != getattr(new, name)
+        ]
+        if old.metrics != new.metrics:
+            await self._rebind_health(old.metrics)
+        if (old.log_level, old.log_format) != (new.log_level, new.log_format):
+            logs.setup(new.log_level, new.log_format)
+        if old.family != new.family:
+            for active in self.routes.values():
+                active.ctx.resolver = self._resolver(active.ctx.route.target)
+            self._start_resolvers(new)
+        restart = [name for name in RESTART_SETTINGS if getattr(old, name) != getattr(new, name)]
+        if restart:
+            log.warning(
+                "reload: %s cannot change while the relay runs (listeners already open, or chosen at "
+                "start): restart the relay to apply %s",
+                ", ".join(restart),
+                "it" if len(restart) == 1 else "them",
+            )
+        return changed
+
+    async def _rebind_health(self, old: HostPort | None) -> None:
+        """Move /metrics, /healthz and /readyz to the reloaded address; back to the old one if it fails."""
+        if self.health is not None:
+            await self.health.close()
+            self.health = self.health_address = None
+        address = self.config.metrics
+        if address is None:
+            log.info("metrics and health: off")
+            return
+        try:
+            await self._start_health(address)
+        except ListenError as err:
+            log.error("reload: %s; metrics and health stay on %s", err, old or "off")
+            self.config = self.shared.config = replace(self.config, metrics=old)
+            if old is not None:
+                with contextlib.suppress(ListenError):
+                    await self._start_health(old)
+
+
+# Settings a reload compares (routes, target and listen are compared as routes).
+SETTINGS = tuple(
+    f.name
+    for f in fields(Config)
+    if f.name not in {"routes", "target", "listen", "config_file", "warnings", "metrics_explicit"}
+)
+RESTART_SETTINGS = ("loop", "backlog", "reuseport", "app_watch")
+
+
+def _setting(value: object) -> str:
+    return "off" if value is None else str(value)
 
 
 def _describe(route: Route, listeners: list[Listener]) -> str:

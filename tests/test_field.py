@@ -7,13 +7,37 @@ import asyncio
 import json
 import os
 import random
+import resource
 import socket
 import struct
+import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from relay.address import HostPort
-from tests.support import echo, http_get, port_of, relay, scrape, tcp_server, value, wait_until
+from relay.audit import AUDIT_SECONDS
+from relay.health import MAX_CLIENTS
+from relay.pump import Side
+from tests.support import (
+    RelayProcess,
+    connect_when_ready,
+    echo,
+    exchange,
+    free_port_block,
+    http_get,
+    port_of,
+    relay,
+    relay_args,
+    scrape,
+    tcp_server,
+    value,
+    wait_until,
+)
+from tests.test_cli import echo_server
+from tests.test_lifecycle import readyz
 
 Run = Callable[..., Any]
 LINGER_RST = struct.pack("ii", 1, 0)
@@ -115,5 +139,128 @@ def test_readiness_says_when_slots_are_exhausted(run: Run) -> None:
             status, body = await http_get(server.health_address, "/readyz")
             assert status == 200, body
             held[1][1].close()
+
+    run(scenario())
+
+
+def test_audit_finishes_a_pair_whose_close_was_never_reported(run: Run, monkeypatch: Any) -> None:
+    """Steps: a loop bug is simulated (the target socket's connection_lost is dropped); the client
+    leaves, so the pair can never finish by itself. The first audit only suspects it; the second
+    finishes it, counts it in relay_connections_reaped_total and logs it; a healthy pair is untouched."""
+    dropped: list[Side] = []
+    real_lost = Side.connection_lost
+
+    def deaf(side: Side, exc: Exception | None) -> None:
+        if dropped and side is dropped[0]:
+            return
+        real_lost(side, exc)
+
+    monkeypatch.setattr(Side, "connection_lost", deaf)
+
+    async def scenario() -> None:
+        async with (
+            tcp_server(echo) as target,
+            relay(target, metrics=HostPort("127.0.0.1", 0)) as server,
+        ):
+            healthy = await asyncio.open_connection("127.0.0.1", port_of(server))
+            await wait_until(lambda: len(server.connections) == 1)
+            _, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+            await wait_until(lambda: len(server.connections) == 2)
+            await wait_until(lambda: all(c.client.out is not None for c in server.connections))
+            victim = max(server.connections, key=lambda c: c.started)
+            dropped.append(victim.target)
+            writer.close()
+            await wait_until(lambda: victim.client.lost and victim.stuck())
+            assert victim in server.connections  # the leak, as a loop bug would leave it
+            assert server.audit.run() == 0  # first sighting: only a suspect
+            assert server.audit.run() == 1
+            assert victim not in server.connections and len(server.connections) == 1
+            samples = await scrape(server)
+            assert value(samples, "relay_connections_reaped_total", route="test") == 1
+            assert value(samples, "relay_connections_active", route="test") == 1
+            healthy[1].write(b"ok")
+            assert await healthy[0].readexactly(2) == b"ok"
+            healthy[1].close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_out_of_descriptors_resets_at_accept_counts_logs_and_recovers(loop: str) -> None:
+    """Steps: a relay process is serving; its descriptor limit is lowered from outside (prlimit) to a
+    few more than it holds; 30 clients connect one after the other and hold. Each one is either served
+    (echo) or gets an honest error at once (reset), none hangs; the relay logs "out of file descriptors"
+    and counts the accept-time resets as relay_connections_closed_total{reason="fd_limit"}; once the
+    clients leave, a new client is served and /readyz is 200 again within the audit's interval."""
+    listen = free_port_block(2)
+    metrics_port = listen + 1
+    with (
+        echo_server() as target,
+        RelayProcess(
+            relay_args(listen, target, "--listen", "127.0.0.1", "--metrics", f"127.0.0.1:{metrics_port}")
+        ) as proc,
+    ):
+        proc.wait_for("ready")
+        held = len(os.listdir(f"/proc/{proc.proc.pid}/fd"))
+        soft, hard = resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, (held + 6, hard))
+        outcomes = {"served": 0, "reset": 0}
+        clients = []
+        for _ in range(30):  # one at a time, each held: the served ones keep their descriptors
+            try:
+                client = socket.create_connection(("127.0.0.1", listen), timeout=5)
+                clients.append(client)
+                client.sendall(b"x")
+                outcomes["served" if client.recv(1) == b"x" else "reset"] += 1
+            except (ConnectionResetError, BrokenPipeError):
+                outcomes["reset"] += 1
+        assert outcomes["served"] >= 1 and outcomes["reset"] >= 1, outcomes
+        assert outcomes["served"] + outcomes["reset"] == 30
+        proc.wait_for("out of file descriptors")
+        for client in clients:
+            client.close()
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert exchange(connect_when_ready("127.0.0.1", listen), b"again") == b"again"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        fd_limit = [ln for ln in text.splitlines() if 'reason="fd_limit"' in ln and ln.startswith("relay_")]
+        assert fd_limit and float(fd_limit[0].split()[-1]) >= 1, fd_limit
+        deadline = time.monotonic() + AUDIT_SECONDS + 5
+        while readyz(metrics_port) != 200:
+            assert time.monotonic() < deadline, "readiness never recovered"
+            time.sleep(0.2)
+        assert proc.stop() == 0
+
+
+def test_metrics_server_caps_its_own_connections(run: Run) -> None:
+    """Steps: MAX_CLIENTS idle HTTP clients hold the health server; one more is closed at once rather than
+    held (so scrapers cannot eat the relay's descriptor reserve); relayed traffic is unaffected; once
+    the idle ones leave, /readyz answers again."""
+
+    async def scenario() -> None:
+        async with (
+            tcp_server(echo) as target,
+            relay(target, metrics=HostPort("127.0.0.1", 0)) as server,
+        ):
+            health, address = server.health, server.health_address
+            assert health is not None and address is not None
+            idle = [await asyncio.open_connection(address.host, address.port) for _ in range(MAX_CLIENTS)]
+            await wait_until(lambda: len(health._clients) == MAX_CLIENTS)
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            async with asyncio.timeout(2):
+                try:
+                    assert await reader.read() == b""
+                except ConnectionResetError:
+                    pass
+            writer.close()
+            r, w = await asyncio.open_connection("127.0.0.1", port_of(server))
+            w.write(b"relayed")
+            w.write_eof()
+            assert await r.read() == b"relayed"
+            w.close()
+            for _, idle_writer in idle:
+                idle_writer.close()
+            await wait_until(lambda: not health._clients)
+            assert (await http_get(address, "/readyz"))[0] == 200
 
     run(scenario())
