@@ -129,7 +129,7 @@ def test_port_in_use_is_one_error_line_and_exit_1() -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         result = run_relay(
-            ["--ports", str(port), "--listen", "127.0.0.1", "--metrics", "off", "--target", "127.0.0.1"]
+            ["--ports", f"{port}:9", "--listen", "127.0.0.1", "--metrics", "off", "--target", "127.0.0.1"]
         )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
@@ -141,7 +141,7 @@ def test_port_in_use_is_one_error_line_and_exit_1() -> None:
 def test_sigterm_and_sigint_stop_promptly_with_exit_0() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         port = free_port_block(1)
-        with RelayProcess(["--ports", str(port), "--target", "127.0.0.1", "--metrics", "off"]) as relay:
+        with RelayProcess(["--ports", f"{port}:9", "--target", "127.0.0.1", "--metrics", "off"]) as relay:
             relay.wait_for("ready")
             started = time.monotonic()
             assert relay.stop(sig) == 0

@@ -16,10 +16,10 @@ def test_default_listen_skips_ipv6_loopback_when_the_kernel_has_none(namespace: 
             ["ip", "netns", "exec", namespace, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1"],
             check=True,
         )
-    argv = ["--ports", "5432", "--target", "127.0.0.1", "--metrics", "off"]
+    argv = ["--ports", "5432:5433", "--target", "127.0.0.1", "--metrics", "off"]  # not itself: 5433
     with LineProcess(["ip", "netns", "exec", namespace, sys.executable, "-m", "relay", *argv]) as relay:
         ready = relay.wait_for("ready")
         assert relay.stop() == 0
     assert "1 listener(s)" in ready
     assert "tcp/5432: IPv6 is not available here; not listening on [::1]:5432" in relay.output()
-    assert "tcp/5432: 127.0.0.1:5432 -> 127.0.0.1:5432" in relay.output()
+    assert "tcp/5432: 127.0.0.1:5432 -> 127.0.0.1:5433" in relay.output()
