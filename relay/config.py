@@ -494,9 +494,22 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
             target_host = _target(target.host)
         except AddressError as err:
             raise ConfigError(f"{keys.get('target', where)}: {err}") from None
-        name = str(entry.get("name") or f"tcp/{listen[0].port}")
+        try:
+            name = _route_name(entry.get("name"), listen[0].port)
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('name', where)}: {err}") from None
         routes.append((Route(name, listen, target_host, target.port), where))
     return routes
+
+
+def _route_name(value: object, port: int) -> str:
+    """A label in log lines and metrics: one line of text (str() let a list or a line break through)."""
+    if value is None or value == "":
+        return f"tcp/{port}"
+    text = _text(value).strip()
+    if not text or not text.isprintable():
+        raise AddressError(f"{value!r} is not a route name; expected one line of text such as 'cache'")
+    return text
 
 
 def _route_listen(value: object, default_ips: tuple[str, ...]) -> tuple[HostPort, ...]:

@@ -211,6 +211,12 @@ def test_yaml_values_python_cannot_hold(tmp_path: Path, text: str, message: str)
         ),
         ("routes: {a: 1}\n", "routes: expected a list of routes"),
         ("routes:\n  - listen: 6000\n", "routes[0]: missing 'target'"),
+        # A route's name is a log and metrics label; str() made these names.
+        (
+            'routes:\n  - name: "a\\nb"\n    listen: 1\n    target: x\n',
+            ":2: routes[0]: 'a\\nb' is not a route name",
+        ),
+        ("routes:\n  - name: [a, b]\n    listen: 1\n    target: x\n", "['a', 'b'] is not a single value"),
         (
             "routes:\n  - listen: 6000\n    target: x:1\n    tagret: y\n",
             "unknown key 'tagret' (did you mean 'target'?)",
