@@ -457,6 +457,7 @@ def build(
             "config file, or give socat-style arguments (tcp-listen:8000 tcp:host.docker.internal:8000)"
         )
     _check_unique(routes, sources)
+    _check_names(routes, sources)
     _check_not_itself(routes, sources)
     return Config(
         **{**values, "routes": tuple(routes)},
@@ -549,6 +550,19 @@ def _check_unique(routes: list[Route], sources: list[str]) -> None:
                         "each listen port may be used once"
                     )
             seen.append((hp, source))
+
+
+def _check_names(routes: list[Route], sources: list[str]) -> None:
+    """Names key each route's counters, metrics labels and /readyz entry: two routes sharing one would
+    mix their figures."""
+    first: dict[str, str] = {}
+    for route, source in zip(routes, sources, strict=True):
+        if route.name in first:
+            raise ConfigError(
+                f"{source}: route name {route.name!r} is used twice ({first[route.name]} has it too); "
+                "expected a name of its own for each route (name: ...)"
+            )
+        first[route.name] = source
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})

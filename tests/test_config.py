@@ -217,6 +217,19 @@ def test_yaml_values_python_cannot_hold(tmp_path: Path, text: str, message: str)
             ":2: routes[0]: 'a\\nb' is not a route name",
         ),
         ("routes:\n  - name: [a, b]\n    listen: 1\n    target: x\n", "['a', 'b'] is not a single value"),
+        # Names key the counters, metrics and /readyz: shared, they mixed two routes' figures.
+        (
+            "routes:\n  - {name: a, listen: 1, target: x}\n  - {name: a, listen: 2, target: y}\n",
+            ":3: routes[1]: route name 'a' is used twice (",
+        ),
+        (
+            "ports: '5'\nroutes:\n  - {name: tcp/5, listen: 6, target: y}\n",
+            ":3: routes[0]: route name 'tcp/5' is used twice (",
+        ),
+        (
+            "routes:\n  - {listen: '127.0.0.1:6', target: x}\n  - {listen: '[::1]:6', target: y}\n",
+            "route name 'tcp/6' is used twice",
+        ),
         (
             "routes:\n  - listen: 6000\n    target: x:1\n    tagret: y\n",
             "unknown key 'tagret' (did you mean 'target'?)",
