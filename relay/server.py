@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 from relay import __version__, logs
 from relay.address import HostPort, format_hostport, is_loopback
 from relay.audit import FD_PROBLEM, Audit
-from relay.config import Config, ConfigError, Route
+from relay.config import AUTO, Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared, own_addresses
 from relay.listener import Listener, ListenError, Reserve, bind_error, open_route
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
-from relay.upstream import Lookup, Resolver
+from relay.upstream import CHAIN, Lookup, Resolver
 
 if TYPE_CHECKING:
     from relay.health import HealthServer
@@ -467,5 +467,12 @@ def _setting(value: object) -> str:
 
 
 def _describe(route: Route, listeners: list[Listener]) -> str:
+    """`127.0.0.1:5432, [::1]:5432 -> host.docker.internal:5432 (auto, else ...)`: where connections go by
+    name; the resolver's `target:` line follows with the name it settled on and its address."""
     bound = ", ".join(str(lst.address) for lst in listeners)
-    return f"{bound} -> {format_hostport(route.target, route.target_port)}"
+    if route.target != AUTO:
+        return f"{bound} -> {format_hostport(route.target, route.target_port)}"
+    first, *rest = CHAIN
+    fallbacks = "".join(f", else {name}" for name in rest)
+    target = format_hostport(first, route.target_port)
+    return f"{bound} -> {target} (auto{fallbacks}, else the default gateway)"

@@ -186,3 +186,26 @@ def test_two_socat_style_relays_share_one_namespace(topology: Callable[..., Topo
     assert third.proc.wait(30) == 1
     assert "cannot listen on 0.0.0.0:9464 for metrics and health: address already in use" in third.output()
     assert second.stop() == 0 and first.stop() == 0
+
+
+def test_start_up_log_says_where_connections_go_as_the_readme_shows(
+    topology: Callable[..., Topology],
+) -> None:
+    """Steps: RELAY_PORTS=5432 with the default auto target in the sidecar topology (the hosts file maps
+    host.docker.internal to the host namespace's address); the relay's start-up lines are the README's
+    example, with this topology's address and the version in place of the README's."""
+    from relay import __version__
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("### Logs", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    expected = [
+        line.split(" ", 1)[1].replace("172.17.0.1", HOST_IP).replace("relay 0.1.0", f"relay {__version__}")
+        for line in block.splitlines()
+    ]
+    assert len(expected) == 3
+    relay = topology().relay([], {"RELAY_PORTS": "5432", "RELAY_METRICS": "off"})
+    relay.wait_for("target: ")
+    logged = [line.split(" ", 2)[2] for line in relay.lines if line.count(" ") >= 2]
+    for line in expected:
+        assert line in logged, (line, relay.output())
+    assert relay.stop() == 0
