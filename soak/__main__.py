@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except SoakError as err:
         print(f"soak: error: {err}", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:  # SIGINT/SIGTERM while the load ran (soak.run.soak)
+        print("soak: interrupted; every process and namespace it started is gone", file=sys.stderr)
+        return 130
     finally:
         if args.keep:
             print(f"soak: work directory kept: {workdir}", file=sys.stderr)

@@ -48,8 +48,9 @@ class Findings:
     """What the fault tasks saw beyond the ledger's windows."""
 
     problems: list[str] = field(default_factory=list)  # the harness could not inject as planned
-    readiness: list[str] = field(default_factory=list)  # /readyz while descriptors were exhausted
+    readiness: list[tuple[str, str]] = field(default_factory=list)  # (phase, /readyz answer)
     reloads: int = 0
+    hung_up: int = 0  # connections the silent target still held when the load stopped
 
 
 async def _nap(rng: random.Random, low: float, high: float, stop_at: float) -> bool:
@@ -138,6 +139,8 @@ async def reload_routes(
 
 HELD = 48
 IDLE_SCRAPES = 64
+SLOTS_FULL = "every connection slot taken"
+SCRAPES_HELD = "and 64 idle connections to the metrics port"
 
 
 async def exhaust_descriptors(
@@ -160,13 +163,15 @@ async def exhaust_descriptors(
         ]
         idle: list[asyncio.StreamWriter] = []
         try:
+            await asyncio.sleep(1.0)  # every held connection has landed: the slots are all taken
+            found.readiness.append((SLOTS_FULL, await _readiness(relay)))
             for _ in range(IDLE_SCRAPES):
                 try:
                     idle.append((await asyncio.wait_for(relay.dial(*relay.metrics), 1.0))[1])
                 except OSError:  # TimeoutError included: its backlog is full
                     break
-            await asyncio.sleep(1.0)  # let every connection land
-            found.readiness.append(await _readiness(relay))
+            await asyncio.sleep(0.5)
+            found.readiness.append((SCRAPES_HELD, await _readiness(relay)))
         finally:
             release.set()
             for writer in idle:
@@ -180,8 +185,10 @@ async def exhaust_descriptors(
 async def _readiness(relay: RelayProcess) -> str:
     try:
         status, body = await asyncio.wait_for(relay.get("/readyz"), 3.0)
-    except (OSError, asyncio.IncompleteReadError):
+    except TimeoutError:
         return "no answer within 3 s"
+    except (OSError, EOFError, asyncio.IncompleteReadError):
+        return "connection closed without an answer"
     return f"{status} {' '.join(body.split())}"
 
 

@@ -9,6 +9,7 @@ file alone configures the relay.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import subprocess
@@ -53,6 +54,14 @@ def config_text(routes: Sequence[RouteSpec], metrics: tuple[str, int], loop: str
             f'    target: "{r.target}:{r.target_port}"',
         ]
     return "\n".join(lines) + "\n"
+
+
+def effective_loop(name: str) -> str:
+    """The loop a relay started with `loop: name` runs on (auto: uvloop when installed), as the relay
+    picks it (relay.cli.loop_factory) with the same interpreter."""
+    if name == "auto":
+        return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    return name
 
 
 def _clean_env() -> list[str]:
@@ -143,8 +152,9 @@ class RelayProcess:
         finally:
             writer.close()
         head, _, body = raw.decode(errors="replace").partition("\r\n\r\n")
-        status = int(head.split()[1]) if head.startswith("HTTP/") else 0
-        return status, body
+        if not head.startswith("HTTP/"):
+            raise EOFError(f"no HTTP answer from {self.name}'s {path}: {raw[:60]!r}")
+        return int(head.split()[1]), body
 
     async def active(self) -> dict[str, int]:
         """relay_connections_active of every route that has any."""
@@ -165,7 +175,7 @@ class RelayProcess:
             try:
                 by_route = await self.active()
                 total = sum(by_route.values())
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            except (OSError, EOFError, ValueError, IndexError):
                 by_route, total = {}, -1
             waited = time.monotonic() - start
             if total == 0 or waited > timeout:

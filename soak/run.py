@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import signal
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from soak import blackhole, faults, traffic
 from soak.clients import STALL
 from soak.faults import Findings
 from soak.ledger import Ledger
-from soak.relays import RelayProcess, RouteSpec, Sample
+from soak.relays import RelayProcess, RouteSpec, Sample, effective_loop
 from soak.targets import ProcessTarget, Target
 from tests.support import free_port_block
 
@@ -35,6 +36,7 @@ TAIL = 2 * STALL + 15  # after stop_at: time for the last operations to end
 IDLE_WAIT = 10.0  # for relay_connections_active to reach 0 after the load stops
 BLACKHOLE_PORT, BLACKHOLE_METRICS = 18000, 19464  # inside the namespace: nothing else there
 HOST = "127.0.0.1"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 OTHER_LOOP = {"asyncio": "uvloop", "uvloop": "asyncio", "auto": "asyncio"}
 
 
@@ -189,26 +191,40 @@ def _jobs(plan: Plan, setup: Setup, ledger: Ledger, found: Findings, stop_at: fl
 
 
 async def soak(plan: Plan, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
+    """Run `plan`; SIGINT or SIGTERM cancels it cleanly (CancelledError out of here, then the caller's
+    stack stops the processes)."""
     ledger, found, notes = Ledger(), Findings(), list[str]()
-    setup = await _set_up(plan, workdir, stack, notes)
+    loop, me = asyncio.get_running_loop(), asyncio.current_task()
+    assert me is not None
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, me.cancel)
+    tasks: list[asyncio.Future[Any]] = []
+    setup: Setup | None = None
     try:
+        setup = await _set_up(plan, workdir, stack, notes)
         await _start(setup)
         started = time.monotonic()
-        tasks = [asyncio.ensure_future(j) for j in _jobs(plan, setup, ledger, found, started + plan.seconds)]
+        tasks += [asyncio.ensure_future(j) for j in _jobs(plan, setup, ledger, found, started + plan.seconds)]
         _, pending = await asyncio.wait(tasks, timeout=plan.seconds + TAIL)
-        for task in pending:
-            task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=5)
             found.problems.append(f"{len(pending)} task(s) still running {TAIL:g} s after the stop time")
         for task in tasks:
             if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
                 raise exc  # a harness bug: let it show
         elapsed = time.monotonic() - started
+        found.hung_up = sum(t.hang_up_silent() for t in setup.targets)
         relay_figures = {r.name: await _finish(r) for r in setup.relays}
     finally:
-        for target in setup.targets:
-            await target.close()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        for target in setup.targets if setup else []:
+            await target.close()  # before the loop ends, so no handler is left to be cancelled
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
     return _figures(plan, ledger, found, notes, relay_figures, elapsed)
 
 
@@ -221,7 +237,7 @@ async def _finish(relay: RelayProcess) -> dict[str, Any]:
     start = samples[0]
     loaded = samples[1 : len(samples) - (1 if end else 0)] or [start]
     return {
-        "loop": relay.loop,
+        "loop": effective_loop(relay.loop),
         "startup_seconds": relay.startup_seconds,
         "start": _sample(start),
         "first_loaded": _sample(loaded[0]),
@@ -271,6 +287,7 @@ def _figures(
         "relays": relays,
         "readiness_during_descriptor_limit": found.readiness,
         "reloads": found.reloads,
+        "silent_hung_up": found.hung_up,
         "examples": ledger.examples,
         "problems": found.problems,
         "notes": notes,

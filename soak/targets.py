@@ -50,6 +50,7 @@ class Target:
         self.host, self.port = bound.getsockname()[:2]
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self._silent: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -69,6 +70,17 @@ class Target:
             self._server.close()
             self._server = None
 
+    def hang_up_silent(self) -> int:
+        """Reset the connections held unanswered, as a real server eventually would; how many.
+
+        A client that half-closed and then gave up cannot be seen by a relay that has nothing to send
+        it (nothing polls a socket after its EOF): such a pair lasts until the target ends it.
+        """
+        held = list(self._silent)
+        for writer in held:
+            writer.transport.abort()
+        return len(held)
+
     async def close(self) -> None:
         """Stop listening, reset every open connection and wait (briefly) for their handlers."""
         self.refuse()
@@ -87,6 +99,7 @@ class Target:
         self._open.add(writer)
         try:
             if self.mode == "silent":  # read what comes (FIN too), never answer, until the peer goes
+                self._silent.add(writer)
                 with contextlib.suppress(ConnectionError, OSError):
                     while await reader.read(wire.CHUNK):
                         pass
@@ -96,6 +109,7 @@ class Target:
                 await wire.serve(reader, writer)
         finally:
             self._open.discard(writer)
+            self._silent.discard(writer)
 
 
 class ProcessTarget:
