@@ -77,6 +77,16 @@ def test_yaml_numbers_are_seconds(tmp_path: Path, text: str, seconds: float) -> 
     assert load({}, {}, path).idle_timeout == seconds
 
 
+def test_wide_port_ranges_load() -> None:
+    """The overlap and loop checks compared every pair of listen sockets: minutes for 1-65535
+    (docker-host's default PORTS). No clock here: pytest's timeout catches a return to that."""
+    config = load({}, {"PORTS": "1-30000", "RELAY_LISTEN": "0.0.0.0,::1"})
+    assert len(config.routes) == 30000
+    routes = Raw([{"listen": "127.0.0.1:30000", "target": "db"}], "routes")
+    with pytest.raises(ConfigError, match=r"port 30000 on 127\.0\.0\.1:30000 is used twice \(PORTS"):
+        load({"routes": routes}, {"PORTS": "1-30000", "RELAY_LISTEN": "0.0.0.0"})
+
+
 def test_docker_host_compat_variables() -> None:
     config = load({}, {"PORTS": "80 443", "DOCKER_HOST": "gateway.lan"})
     assert [r.target_port for r in config.routes] == [80, 443]
