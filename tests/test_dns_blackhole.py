@@ -153,3 +153,16 @@ def test_sigterm_while_the_first_lookup_hangs(topology: Callable[..., Topology])
     assert "using default gateway" not in relay.output(), relay.output()
     assert_exits_within(relay, 1.0, (0,))
     assert "stopped" in relay.output(), relay.output()
+
+
+def test_relay_check_answers_without_waiting_out_the_resolver(topology: Callable[..., Topology]) -> None:
+    """Steps: the black-hole topology; `relay check` in the app namespace: the auto chain ends at the
+    gateway after one lookup time bound (not the resolver's 5 s x 2 per name), the probe succeeds, exit 0,
+    well within 6 s (the old code needed about 20 s)."""
+    topo = blackhole(topology)
+    started = time.monotonic()
+    result = topo.run_in_app(["-m", "relay", "check", "--ports", str(PORT), "--metrics", "off"])
+    took = time.monotonic() - started
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}"
+    assert f"using default gateway {HOST_IP}" in result.stdout, result.stdout
+    assert took < 6.0, f"relay check took {took:.2f} s"
