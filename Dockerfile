@@ -1,11 +1,14 @@
 # relay-sidecar image: a sidecar that makes the app container's localhost ports reach the Docker host.
 #
-#   docker build -t relay-sidecar .
+#   docker build -t relay-sidecar:local .
+#
+# relay-sidecar:local is the tag every example uses (README.md, compose-examples/); no registry publishes
+# the image, so build it first (or let `docker compose up --build` build it: postgres-and-redis shows how).
 #
 # Any Debian-like image with python3 (>= 3.11) and its venv module can be the base; both stages use the
 # same one, so the virtual environment copied into the final stage finds the interpreter it was made with:
 #
-#   docker build --build-arg BASE_IMAGE=python:3.12-slim -t relay-sidecar .
+#   docker build --build-arg BASE_IMAGE=python:3.12-slim -t relay-sidecar:local .
 #
 # The final stage holds the base plus one virtual environment (the project and its dependencies, without
 # pip), runs as an unprivileged user, needs no capabilities and writes nothing, so it runs with

@@ -23,7 +23,8 @@ COMPOSE_EXAMPLES = ("socat-dropin", "many-ports", "postgres-and-redis")
 SEED_COMMAND = ["-d", "tcp-listen:8000,fork,reuseaddr", "tcp-connect:host.docker.internal:8000"]
 HOST_GATEWAY = "host.docker.internal:host-gateway"
 VERSION = str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
-RELAY_IMAGE = f"ghcr.io/relay-sidecar/relay-sidecar:{VERSION}"
+RELAY_IMAGE = "relay-sidecar:local"  # built from the clone: no registry publishes the image
+BUILD_EXAMPLE = "postgres-and-redis"  # the one whose relay service also says how to build it
 
 
 def load_compose(name: str) -> dict[str, Any]:
@@ -59,7 +60,8 @@ def loopback_routes(pairs: list[tuple[int, int]], target: str = "auto") -> set[R
 def test_relay_shares_the_app_network_namespace(name: str) -> None:
     """Every compose example: an app and a relay; the relay joins the app's network namespace, carries no
     extra_hosts (Docker refuses them with network_mode service:) and publishes no ports, and uses the
-    project's image at the pyproject version."""
+    project's image as the README says to build it; one example also builds it (`build: ../..`, the
+    repository, so `docker compose up --build` works from a clone)."""
     found = services(name)
     assert set(found) == {"app", "relay"}
     relay = found["relay"]
@@ -67,17 +69,21 @@ def test_relay_shares_the_app_network_namespace(name: str) -> None:
     assert relay["image"] == RELAY_IMAGE
     assert "extra_hosts" not in relay
     assert "ports" not in relay
-    assert "build" not in relay
+    if name == BUILD_EXAMPLE:
+        assert (EXAMPLES / name / relay["build"] / "Dockerfile").resolve() == ROOT / "Dockerfile"
+    else:
+        assert "build" not in relay
 
 
 @pytest.mark.parametrize("name", COMPOSE_EXAMPLES)
 def test_examples_use_public_tagged_images(name: str) -> None:
     """The app images are public names with an explicit tag: nothing local, nothing built, no `latest`."""
-    for service in services(name).values():
+    for role, service in services(name).items():
         image = service["image"]
         assert re.fullmatch(r"[a-z0-9./-]+:[A-Za-z0-9._-]+", image), image
         assert not image.endswith(":latest"), image
-        assert "build" not in service
+        if role == "app":
+            assert "build" not in service
 
 
 def test_socat_dropin_is_the_seed_recipe() -> None:
@@ -190,3 +196,25 @@ def test_readme_covers_every_example() -> None:
         assert f"{name}/" in text
     for topic in ("extra_hosts", "0.0.0.0", "Rootless", "Docker Desktop", "Podman", "Image size"):
         assert topic in text
+
+
+def test_one_image_tag_everywhere() -> None:
+    """The Dockerfile's build comment, both READMEs and every example name the image the same way, and
+    the READMEs say how to build it; nothing names a registry image that nobody publishes."""
+    named = {
+        ROOT / "Dockerfile": f"docker build -t {RELAY_IMAGE} .",
+        ROOT / "README.md": f"docker build -t {RELAY_IMAGE} .",
+        EXAMPLES / "README.md": f"docker build -t {RELAY_IMAGE} .",
+    }
+    for path, build in named.items():
+        text = path.read_text()
+        assert build in text, path
+        assert "ghcr.io" not in text, path
+    examples = sorted(EXAMPLES.glob("*/*.yaml"))
+    assert len(examples) >= 5
+    for path in examples:
+        text = path.read_text()
+        images = re.findall(r"image: (\S*relay-sidecar\S*)", text)
+        assert images == [RELAY_IMAGE], (path, images)
+    readme = (ROOT / "README.md").read_text()
+    assert f"image: {RELAY_IMAGE}" in readme and "docker compose up --build" in readme

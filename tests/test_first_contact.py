@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -209,3 +210,41 @@ def test_start_up_log_says_where_connections_go_as_the_readme_shows(
     for line in expected:
         assert line in logged, (line, relay.output())
     assert relay.stop() == 0
+
+
+def test_scripts_run_without_arguments_is_a_loopback_demo() -> None:
+    """Steps: `scripts/run` with no arguments runs scripts/demo.py (before: the example config, which
+    forwarded 5432 and 8000-8010 to the default gateway and opened metrics on all interfaces). The demo
+    prints what it started and the curl line to try; that curl works through the relay; the relay and
+    its metrics listen on loopback only; Ctrl-C (SIGINT) ends it with exit 0."""
+    import signal
+    import sys
+    import urllib.request
+
+    from tests.support import LineProcess, has_ipv6_loopback
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "scripts" / "run").read_text()
+    no_arguments = script.split("if [[ $# == 0 && -z ${RELAY_CONFIG:-}", 1)[1].split("fi\n", 1)[0]
+    assert "exec .venv/bin/python scripts/demo.py" in no_arguments
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RELAY_") and k != "PORTS"}
+    with LineProcess([sys.executable, str(root / "scripts" / "demo.py")], env, cwd=root) as demo:
+        port = _number(r"localhost:(\d+)/", demo.wait_for("  curl http://localhost:"))
+        metrics = _number(r"127\.0\.0\.1:(\d+)/metrics", demo.wait_for("/metrics | grep"))
+        demo.wait_for("ready")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            assert response.read().startswith(b"hello from the demo server behind relay-sidecar")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+            assert f'relay_connections_accepted_total{{route="tcp/{port}"}} 1.0' in response.read().decode()
+        route = demo.wait_for(f"tcp/{port}: ")
+        listening = f"127.0.0.1:{port}, [::1]:{port}" if has_ipv6_loopback() else f"127.0.0.1:{port}"
+        assert f"tcp/{port}: {listening} -> 127.0.0.1:" in route
+        assert f"metrics and health: http://127.0.0.1:{metrics}/metrics" in demo.output()
+        assert "0.0.0.0" not in demo.output()
+        assert demo.stop(signal.SIGINT) == 0
+
+
+def _number(pattern: str, line: str) -> int:
+    found = re.search(pattern, line)
+    assert found is not None, (pattern, line)
+    return int(found.group(1))
