@@ -265,7 +265,10 @@ class Connection:
         """The target is one of the relay's own listeners (an address of this host that no lookup could
         tell): refuse, and remember the address so the next attempts are refused before they connect
         (which is what ends the chain of connections the relay made to itself meanwhile)."""
-        host, port = transport.get_extra_info("peername")[:2]
+        peer = transport.get_extra_info("peername")
+        if not peer:
+            return False  # already gone: the pair ends through connection_lost
+        host, port = peer[:2]
         if (host, port) not in own:
             if (("::" if ":" in host else "0.0.0.0"), port) not in own:
                 return False  # no wildcard listener on that port: (host, port) is not ours

@@ -154,3 +154,15 @@ def test_check_hints_fit_the_target(topology: Callable[..., Topology]) -> None:
     assert " loop " in rows["itself"] and "the target is this relay itself" in rows["itself"]
     assert "  other.host: other.host does not resolve; other.host is not in" in out
     assert "0 of 4 target(s) answer" in out
+
+
+def test_check_refuses_a_route_into_the_relay_itself() -> None:
+    """The README's old example (`--ports 5432 --target 127.0.0.1`): `relay check` says it would loop,
+    in one line, exit 2 (before: it probed 127.0.0.1:5432 and said `ok` whenever the relay itself was
+    running there)."""
+    result = run_relay(["check", "--ports", "5432", "--target", "127.0.0.1"])
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(
+        "relay: error: --ports: route tcp/5432 forwards to 127.0.0.1:5432, which is its own listen address"
+    )
+    assert result.stdout == ""
