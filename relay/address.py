@@ -12,7 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
-PORTS_FORM = "expected P, LO-HI, L:T, LLO-LHI:T or LLO-LHI:TLO-THI"
+PORTS_FORM = "expected P, LO-HI, L:T, LLO-LHI:T or LLO-LHI:TLO-THI, each optionally /udp or /tcp"
+PROTOCOLS = ("tcp", "udp")
 HOSTPORT_FORM = "expected HOST:PORT, IP:PORT or [IPv6]:PORT"
 DURATION_FORM = "expected a duration like 250ms, 5s, 1m, 1h or plain seconds"
 
@@ -23,10 +24,11 @@ class AddressError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class PortMap:
-    """One listen port forwarded to one target port."""
+    """One listen port forwarded to one target port, over TCP or UDP."""
 
     listen: int
     target: int
+    protocol: str = "tcp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +83,11 @@ def _parse_range(text: str) -> tuple[int, int]:
 
 
 def parse_port_item(item: str) -> list[PortMap]:
-    """One item of a port list: `P`, `LO-HI`, `L:T`, `LLO-LHI:T`, `LLO-LHI:TLO-THI`, optional `/tcp`."""
+    """One item of a port list: `P`, `LO-HI`, `L:T`, `LLO-LHI:T`, `LLO-LHI:TLO-THI`, then /udp or /tcp."""
     body, slash, proto = item.partition("/")
-    if slash and proto.lower() != "tcp":
-        raise AddressError(f"{item!r} has protocol {proto!r}; only /tcp is supported; {PORTS_FORM}")
+    protocol = proto.lower() if slash else "tcp"
+    if protocol not in PROTOCOLS:
+        raise AddressError(f"{item!r} has protocol {proto!r}; expected /tcp or /udp; {PORTS_FORM}")
     listen_text, colon, target_text = body.partition(":")
     try:
         llo, lhi = _parse_range(listen_text)
@@ -102,25 +105,28 @@ def parse_port_item(item: str) -> list[PortMap]:
     if tlo != thi or llo == lhi:
         # 1:1, in order (docker-host collapses these onto the first port; we don't).
         offset = tlo - llo
-        return [PortMap(p, p + offset) for p in range(llo, lhi + 1)]
-    return [PortMap(p, tlo) for p in range(llo, lhi + 1)]
+        return [PortMap(p, p + offset, protocol) for p in range(llo, lhi + 1)]
+    return [PortMap(p, tlo, protocol) for p in range(llo, lhi + 1)]
 
 
 def parse_ports(text: str) -> tuple[PortMap, ...]:
-    """A docker-host style list: items split on commas and/or whitespace; each listen port once."""
+    """A docker-host style list: items split on commas and/or whitespace; each listen port once per
+    protocol (`53 53/udp` is DNS over both)."""
     maps: list[PortMap] = []
-    seen: dict[int, str] = {}
+    seen: dict[tuple[int, str], str] = {}
     items = [i for i in re.split(r"[\s,]+", text.strip()) if i]
     if not items:
         raise AddressError(f"{text!r} lists no ports; {PORTS_FORM}")
     for item in items:
         for pm in parse_port_item(item):
-            if pm.listen in seen:
+            key = (pm.listen, pm.protocol)
+            if key in seen:
+                shown = pm.listen if pm.protocol == "tcp" else f"{pm.listen}/{pm.protocol}"
                 raise AddressError(
-                    f"listen port {pm.listen} appears twice ({seen[pm.listen]!r} and {item!r}); "
-                    "each listen port may be used once"
+                    f"listen port {shown} appears twice ({seen[key]!r} and {item!r}); "
+                    "each listen port may be used once per protocol"
                 )
-            seen[pm.listen] = item
+            seen[key] = item
             maps.append(pm)
     return tuple(maps)
 

@@ -46,16 +46,19 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Every listen address forwards to target:target_port. `target` may be `auto`."""
+    """Every listen address forwards to target:target_port. `target` may be `auto`. `protocol` is tcp or
+    udp (relay/udp.py); the same port number may carry one route of each."""
 
     name: str
     listen: tuple[HostPort, ...]
     target: str
     target_port: int
+    protocol: str = "tcp"
 
     def describe(self) -> str:
         listen = ", ".join(str(hp) for hp in self.listen)
-        return f"{listen} -> {format_hostport(self.target, self.target_port)}"
+        udp = " (udp)" if self.protocol == "udp" else ""
+        return f"{listen} -> {format_hostport(self.target, self.target_port)}{udp}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,8 @@ class Config:
     log_format: Literal["text", "json"] = "text"
     metrics: HostPort | None = DEFAULT_METRICS
     drain_timeout: float = 5.0
+    udp_idle_timeout: float = 60.0
+    max_udp_sessions: int = 4096
     loop: LoopName = "auto"
     app_watch: AppWatchMode = "auto"
     config_file: str | None = None
@@ -225,7 +230,12 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("ports", _ports, "ports to forward: P, LO-HI, L:T, LLO-LHI:T, LLO-LHI:TLO-THI", "SPEC"),
+    Option(
+        "ports",
+        _ports,
+        "ports to forward: P, LO-HI, L:T, LLO-LHI:T, LLO-LHI:TLO-THI, each optionally /udp (default /tcp)",
+        "SPEC",
+    ),
     Option(
         "target",
         _target,
@@ -262,6 +272,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics", _metrics, "metrics and health HTTP address, or off (default 0.0.0.0:9464)", "ADDR"),
     Option("drain_timeout", _duration, "on SIGTERM, wait this long for connections (default 5s)", "DURATION"),
     Option(
+        "udp_idle_timeout",
+        _positive_duration,
+        "end a UDP session after this long without a datagram either way (default 60s)",
+        "DURATION",
+    ),
+    Option("max_udp_sessions", _int_in(1, 1_000_000), "UDP client addresses at once (default 4096)", "N"),
+    Option(
         "loop", _choice("auto", "asyncio", "uvloop"), "event loop (default auto: uvloop if installed)", "LOOP"
     ),
     Option(
@@ -274,7 +291,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 FILE_KEYS = (*OPTION_BY_KEY, "routes")
-ROUTE_KEYS = ("name", "listen", "target")
+ROUTE_KEYS = ("name", "listen", "target", "protocol")
 ENV_NAMES = {o.env for o in OPTIONS} | {"RELAY_CONFIG"}
 
 
@@ -442,7 +459,11 @@ def build(
     base = Config(**values, config_file=config_file, warnings=warnings)
     routes = [
         Route(
-            f"tcp/{pm.listen}", tuple(HostPort(ip, pm.listen) for ip in base.listen), base.target, pm.target
+            f"{pm.protocol}/{pm.listen}",
+            tuple(HostPort(ip, pm.listen) for ip in base.listen),
+            base.target,
+            pm.target,
+            pm.protocol,
         )
         for pm in ports
     ]
@@ -496,17 +517,21 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
         except AddressError as err:
             raise ConfigError(f"{keys.get('target', where)}: {err}") from None
         try:
-            name = _route_name(entry.get("name"), listen[0].port)
+            protocol = _choice("tcp", "udp")(entry.get("protocol", "tcp"))
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('protocol', where)}: {err}") from None
+        try:
+            name = _route_name(entry.get("name"), listen[0].port, protocol)
         except AddressError as err:
             raise ConfigError(f"{keys.get('name', where)}: {err}") from None
-        routes.append((Route(name, listen, target_host, target.port), where))
+        routes.append((Route(name, listen, target_host, target.port, protocol), where))
     return routes
 
 
-def _route_name(value: object, port: int) -> str:
+def _route_name(value: object, port: int, protocol: str = "tcp") -> str:
     """A label in log lines and metrics: one line of text (str() let a list or a line break through)."""
     if value is None or value == "":
-        return f"tcp/{port}"
+        return f"{protocol}/{port}"
     text = _text(value).strip()
     if not text or not text.isprintable():
         raise AddressError(f"{value!r} is not a route name; expected one line of text such as 'cache'")
@@ -541,17 +566,17 @@ def _check_unique(routes: list[Route], sources: list[str]) -> None:
     """No two routes may listen on the same port of overlapping addresses (0.0.0.0 covers all IPv4).
 
     Compared within a port only: all pairs took minutes for PORTS=1-65535 (docker-host's default)."""
-    seen: dict[int, list[tuple[HostPort, str]]] = {}
+    seen: dict[tuple[int, str], list[tuple[HostPort, str]]] = {}  # TCP and UDP ports are apart
     for route, source in zip(routes, sources, strict=True):
         for hp in route.listen:
-            for other_hp, other_source in seen.get(hp.port, ()):
+            for other_hp, other_source in seen.get((hp.port, route.protocol), ()):
                 if _overlaps(hp.host, other_hp.host):
                     first = "" if other_source == source else f" ({other_source} already listens there)"
                     raise ConfigError(
                         f"{source}: listen port {hp.port} on {hp} is used twice{first}; "
                         "each listen port may be used once"
                     )
-            seen.setdefault(hp.port, []).append((hp, source))
+            seen.setdefault((hp.port, route.protocol), []).append((hp, source))
 
 
 def _check_names(routes: list[Route], sources: list[str]) -> None:
@@ -599,12 +624,12 @@ def lands_on(address: str, port: int, listen: HostPort) -> bool:
 def _check_not_itself(routes: list[Route], sources: list[str]) -> None:
     """A route whose target is one of the relay's own listen sockets would forward each connection back
     into the relay, which forwards it again, until max_connections is exhausted."""
-    by_port: dict[int, list[tuple[Route, HostPort]]] = {}  # all pairs took minutes for PORTS=1-65535
+    by_port: dict[tuple[int, str], list[tuple[Route, HostPort]]] = {}  # all pairs took minutes for 1-65535
     for other in routes:
         for hp in other.listen:
-            by_port.setdefault(hp.port, []).append((other, hp))
+            by_port.setdefault((hp.port, other.protocol), []).append((other, hp))
     for route, source in zip(routes, sources, strict=True):
-        for other, hp in by_port.get(route.target_port, ()):
+        for other, hp in by_port.get((route.target_port, route.protocol), ()):
             if lands_on(route.target, route.target_port, hp):
                 whose = "its own" if other is route else f"route {other.name}'s"
                 target = format_hostport(route.target, route.target_port)

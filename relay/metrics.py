@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.netwatch import APP_REMOVED, STRANDED
-from relay.stats import CLOSE_REASONS, CONNECT_ERRORS, Histogram
+from relay.stats import CLOSE_REASONS, CONNECT_ERRORS, DROP_REASONS, Histogram
 
 if TYPE_CHECKING:
     from relay.server import Server
@@ -76,7 +76,11 @@ class RelayCollector(Collector):
             connect.add_metric([name], *_buckets(stats.connect_seconds))
             duration.add_metric([name], *_buckets(stats.duration_seconds))
             reaped.add_metric([name], stats.reaped)
+        for name, udp in server.udp.stats.items():
+            bytes_total.add_metric([name, "client_to_target"], udp.bytes_c2t)
+            bytes_total.add_metric([name, "target_to_client"], udp.bytes_t2c)
         yield from (accepted, active, closed, errors, bytes_total, connect, duration, reaped)
+        yield from self._udp()
         yield self._listeners()
         yield self._targets()
         yield self._lookups()
@@ -84,6 +88,28 @@ class RelayCollector(Collector):
         build = InfoMetricFamily("relay_build", "relay-sidecar build", labels=[])
         build.add_metric([], {"version": __version__})
         yield build
+
+    def _udp(self) -> Iterator[Metric]:
+        """UDP routes (relay/udp.py): datagrams, sessions open now, drops by reason."""
+        datagrams = CounterMetricFamily(
+            "relay_datagrams", "UDP datagrams relayed, by direction", labels=["route", "direction"]
+        )
+        sessions = GaugeMetricFamily(
+            "relay_udp_sessions_active", "UDP client addresses with a session open now", labels=["route"]
+        )
+        dropped = CounterMetricFamily(
+            "relay_datagrams_dropped",
+            "UDP datagrams dropped: limit (max_udp_sessions), buffer (could not be sent at once), "
+            "unreachable (ICMP error from the target), unresolved (target not resolved)",
+            labels=["route", "reason"],
+        )
+        for name, udp in self.server.udp.stats.items():
+            datagrams.add_metric([name, "client_to_target"], udp.datagrams_c2t)
+            datagrams.add_metric([name, "target_to_client"], udp.datagrams_t2c)
+            sessions.add_metric([name], udp.sessions)
+            for reason in DROP_REASONS:
+                dropped.add_metric([name, reason], udp.dropped[reason])
+        yield from (datagrams, sessions, dropped)
 
     def _listeners(self) -> Metric:
         up = GaugeMetricFamily(

@@ -25,7 +25,7 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ from relay.connection import Connection, RouteContext, Shared, own_addresses
 from relay.listener import Listener, ListenError, Reserve, bind_error, open_route
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
+from relay.udp import UdpHub, UdpListener, UdpRoute
 from relay.upstream import CHAIN, Lookup, Resolver
 
 if TYPE_CHECKING:
@@ -51,8 +52,8 @@ FD_RESERVE = 64
 
 @dataclass(slots=True)
 class ActiveRoute:
-    ctx: RouteContext
-    listeners: list[Listener]
+    ctx: RouteContext | UdpRoute
+    listeners: list[Listener] | list[UdpListener]
 
 
 class Server:
@@ -70,6 +71,7 @@ class Server:
         self.shared = Shared(config)
         self.routes: dict[Route, ActiveRoute] = {}
         self.stats: dict[str, RouteStats] = {}
+        self.udp = UdpHub(self.shared)  # UDP routes' sessions and stats (relay/udp.py)
         self.resolvers: dict[tuple[str, str], Resolver] = {}
         self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
         self.health: HealthServer | None = None
@@ -101,7 +103,7 @@ class Server:
         return self.shared.problems
 
     @property
-    def listeners(self) -> list[Listener]:
+    def listeners(self) -> list[Listener | UdpListener]:
         return [lst for active in self.routes.values() for lst in active.listeners]
 
     # --- start ---------------------------------------------------------------------------------------------
@@ -150,6 +152,11 @@ class Server:
         log.info("metrics and health: http://%s/metrics, /healthz, /readyz", self.health_address)
 
     async def _open(self, route: Route) -> None:
+        if route.protocol == "udp":
+            udp = await self.udp.open(route, self._resolver(route.target), skipped=self.skipped_hosts)
+            self.routes[route] = ActiveRoute(udp, udp.listeners)
+            log.info("%s: %s", route.name, _describe(route, udp.listeners), extra={"route": route.name})
+            return
         ctx = RouteContext(
             route, self._resolver(route.target), self.stats.setdefault(route.name, RouteStats()), self.shared
         )
@@ -362,7 +369,10 @@ class Server:
                 for listener in active.listeners:
                     listener.close()
                 active.listeners = []
-        self.shared.own = own_addresses(lst.address for lst in self.listeners)
+                if isinstance(active.ctx, UdpRoute):
+                    active.ctx.close()  # its sessions and idle sweep
+        # TCP's own addresses only: a TCP target on a port the relay listens on for UDP is no loop.
+        self.shared.own = own_addresses(lst.address for lst in self.listeners if isinstance(lst, Listener))
 
     # --- reload ------------------------------------------------------------------------------------------
 
@@ -466,10 +476,11 @@ def _setting(value: object) -> str:
     return "off" if value is None else str(value)
 
 
-def _describe(route: Route, listeners: list[Listener]) -> str:
+def _describe(route: Route, listeners: Sequence[Listener | UdpListener]) -> str:
     """`127.0.0.1:5432, [::1]:5432 -> host.docker.internal:5432 (auto, else ...)`: where connections go by
-    name; the resolver's `target:` line follows with the name it settled on and its address."""
-    bound = ", ".join(str(lst.address) for lst in listeners)
+    name; the resolver's `target:` line follows with the name it settled on and its address. UDP routes
+    say `udp 127.0.0.1:53 ...`."""
+    bound = ("udp " if route.protocol == "udp" else "") + ", ".join(str(lst.address) for lst in listeners)
     if route.target != AUTO:
         return f"{bound} -> {format_hostport(route.target, route.target_port)}"
     first, *rest = CHAIN

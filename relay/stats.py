@@ -70,3 +70,18 @@ class RouteStats:
     bytes_t2c: int = 0
     connect_seconds: Histogram = field(default_factory=lambda: Histogram(CONNECT_BUCKETS))
     duration_seconds: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+
+
+DROP_REASONS = ("limit", "buffer", "unreachable", "unresolved")
+
+
+@dataclass(slots=True)
+class UdpStats:
+    """One UDP route's counters (relay/udp.py), added to once per datagram and read at scrape time."""
+
+    sessions: int = 0  # open now
+    datagrams_c2t: int = 0
+    datagrams_t2c: int = 0
+    bytes_c2t: int = 0
+    bytes_t2c: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)

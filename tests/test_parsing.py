@@ -51,7 +51,7 @@ def test_port_list_forms(text: str, expected: tuple[PortMap, ...]) -> None:
         ("0", "'0' is not a port number (1-65535)"),
         ("65536", "'65536' is not a port number (1-65535)"),
         ("http", "'http' is not a port number"),
-        ("80/udp", "'80/udp' has protocol 'udp'; only /tcp is supported"),
+        ("80/sctp", "'80/sctp' has protocol 'sctp'; expected /tcp or /udp"),
         ("8000-8002:9000-9001", "maps 3 listen ports to 2 target ports (ranges of unequal width)"),
         ("80:9000-9001", "maps 1 listen ports to 2 target ports"),
         ("80 81 80", "listen port 80 appears twice ('80' and '80')"),
