@@ -240,3 +240,23 @@ def test_reload_applies_a_new_metrics_address_and_names_what_needs_a_restart(tmp
             with pytest.raises(urllib.error.URLError):
                 readyz(m2)
             assert relay.stop() == 0
+
+
+def test_reload_refuses_a_route_into_the_relay_itself(tmp_path: Path) -> None:
+    """Steps: a serving relay; SIGHUP after the file points the route at its own listen address; the
+    reload is refused with one error line naming the loop, and the running route keeps serving."""
+    listen = free_port_block(1)
+    path = tmp_path / "relay.yaml"
+    with echo_server() as target:
+        path.write_text(f"ports: '{listen}:{target}'\ntarget: 127.0.0.1\nlisten: 127.0.0.1\nmetrics: off\n")
+        with RelayProcess(["--config", str(path)]) as relay:
+            relay.wait_for("ready")
+            path.write_text(f"ports: '{listen}'\ntarget: 127.0.0.1\nlisten: 127.0.0.1\nmetrics: off\n")
+            relay.proc.send_signal(signal.SIGHUP)
+            line = relay.wait_for("reload failed")
+            assert "keeping the running configuration" in line
+            assert (
+                f"forwards to 127.0.0.1:{listen}, which is its own listen address 127.0.0.1:{listen}" in line
+            )
+            assert exchange(connect_when_ready("127.0.0.1", listen), b"still") == b"still"
+            assert relay.stop() == 0
