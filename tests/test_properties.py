@@ -436,7 +436,10 @@ def assert_config_error(err: ConfigError, sources: Iterable[str]) -> None:
 
 
 @PROPERTY
-@given(raw_values, st.one_of(st.none(), st.lists(route_entry, max_size=3), yaml_value))
+@given(
+    st.one_of(st.just({}), raw_values),  # often none: bad options would hide what routes do
+    st.one_of(st.none(), st.lists(route_entry, max_size=3), yaml_value),
+)
 def test_build_from_any_raw_values_gives_a_config_or_one_line_error(
     values: dict[str, object], routes: object
 ) -> None:
@@ -457,6 +460,40 @@ def test_build_from_any_raw_values_gives_a_config_or_one_line_error(
                 well_formed_host(route.target)
             for hp in route.listen:
                 assert str(ipaddress.ip_address(hp.host)) == hp.host
+
+
+near_route = st.fixed_dictionaries(
+    {
+        "listen": st.one_of(
+            st.sampled_from([5432, "6000", "127.0.0.1:6001", "[::1]:6001", [6002, "0.0.0.0:6003"]]), ports
+        ),
+        "target": st.one_of(remote, st.builds(format_hostport, remote, ports), st.just("auto")),
+    },
+    optional={
+        "name": st.one_of(
+            st.sampled_from(["cache", "tcp/5432", "tcp/6000", "a\nb", " ", "", 5, None, ["x"]]), junk
+        )
+    },
+)
+
+
+@PROPERTY
+@given(st.lists(near_route, min_size=1, max_size=4), st.one_of(st.none(), st.sampled_from(["5432", "6000"])))
+def test_near_valid_routes_give_distinct_one_line_names_or_one_line_error(
+    routes: list[dict[str, object]], ports_text: str | None
+) -> None:
+    """Routes that mostly parse, with names that clash, break lines or are not text."""
+    raw = {"routes": Raw(routes, "src-routes")}
+    if ports_text:
+        raw["ports"] = Raw(ports_text, "src-ports")
+    try:
+        config = build(raw)
+    except ConfigError as err:
+        assert_config_error(err, ["src-routes", "src-ports"])
+    else:
+        names = [r.name for r in config.routes]
+        assert len(set(names)) == len(names), names
+        assert all(name.strip() and name.isprintable() for name in names), names
 
 
 @pytest.fixture(scope="module")
