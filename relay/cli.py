@@ -40,6 +40,8 @@ PRECEDENCE = (
 )
 SOCAT_HELP = """socat-style arguments (a compose file written for alpine/socat only swaps its image):
   relay [-d...] [-b N] [-t S] [-T S] [-4|-6] TCP-LISTEN:PORT[,opts] TCP:HOST:PORT[,opts]
+  relay [-d...] [-T S] [-4|-6] UDP-LISTEN:PORT[,opts] UDP:HOST:PORT   (also UDP4-/UDP6-LISTEN,
+        UDP-RECVFROM:PORT,fork; UDP-CONNECT, UDP4, UDP6, UDP-SENDTO; -T is the UDP session idle timeout)
   -d          keep info logs; -d -d logs every connection
   -b N        accepted, no effect (reads are up to 256 KiB)
   -t S        close a half-closed connection after S seconds (socat's default 0.5 s is not applied)

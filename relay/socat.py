@@ -1,6 +1,7 @@
 """socat's argv for the relay case, turned into the same raw settings the CLI gives.
 
     relay [-d…] [-b N] [-t S] [-T S] [-4|-6] TCP-LISTEN:port[,opts] TCP:host:port[,opts]
+    relay [-d…] [-T S] [-4|-6] UDP-LISTEN:port[,opts] UDP:host:port[,opts]     (also UDP-RECVFROM:port,fork)
 
 so that a compose file written for alpine/socat only swaps its image. Differences from socat, on purpose:
 a listener without bind= also listens on ::1 (clients whose localhost is ::1 connect too), and a
@@ -16,8 +17,14 @@ from relay.address import AddressError, check_host, parse_duration, parse_ip, pa
 from relay.config import ConfigError, Raw
 
 SOURCE = "socat argument"
-LISTEN_FORM = "expected TCP-LISTEN:PORT[,options] (also TCP-L, TCP4-LISTEN, TCP6-LISTEN)"
-CONNECT_FORM = "expected TCP:HOST:PORT[,options] (also TCP-CONNECT, TCP4, TCP6)"
+LISTEN_FORM = (
+    "expected TCP-LISTEN:PORT[,options] (also TCP-L, TCP4-LISTEN, TCP6-LISTEN) or UDP-LISTEN:PORT[,options] "
+    "(also UDP4-LISTEN, UDP6-LISTEN, UDP-RECVFROM:PORT,fork)"
+)
+CONNECT_FORM = (
+    "expected TCP:HOST:PORT[,options] (also TCP-CONNECT, TCP4, TCP6) or UDP:HOST:PORT "
+    "(also UDP-CONNECT, UDP4, UDP6, UDP-SENDTO)"
+)
 LISTEN_KEYWORDS = {
     "tcp-listen": "any",
     "tcp-l": "any",
@@ -25,6 +32,12 @@ LISTEN_KEYWORDS = {
     "tcp4-l": "ipv4",
     "tcp6-listen": "ipv6",
     "tcp6-l": "ipv6",
+    "udp-listen": "any",
+    "udp4-listen": "ipv4",
+    "udp6-listen": "ipv6",
+    "udp-recvfrom": "any",
+    "udp4-recvfrom": "ipv4",
+    "udp6-recvfrom": "ipv6",
 }
 CONNECT_KEYWORDS = {
     "tcp": "any",
@@ -33,6 +46,26 @@ CONNECT_KEYWORDS = {
     "tcp4-connect": "ipv4",
     "tcp6": "ipv6",
     "tcp6-connect": "ipv6",
+    "udp": "any",
+    "udp-connect": "any",
+    "udp4": "ipv4",
+    "udp4-connect": "ipv4",
+    "udp6": "ipv6",
+    "udp6-connect": "ipv6",
+    "udp-sendto": "any",
+    "udp4-sendto": "ipv4",
+    "udp6-sendto": "ipv6",
+}
+# Options that mean something for a TCP socket only; on a UDP address they are an error, not ignored.
+TCP_ONLY = {
+    "backlog",
+    "max-children",
+    "keepalive",
+    "nodelay",
+    "connect-timeout",
+    "retry",
+    "interval",
+    "forever",
 }
 # Options accepted without effect: the relay always forks (one process, a task per connection),
 # always sets SO_REUSEADDR and TCP_NODELAY.
@@ -94,7 +127,33 @@ def parse(argv: list[str]) -> SocatArgs:
         )
     _listen_address(addresses[0], raw)
     _connect_address(addresses[1], raw)
+    _same_protocol(addresses, raw)
     return SocatArgs(raw, debug, tuple(notes))
+
+
+def _protocol(address: str) -> str:
+    return "udp" if address.lower().startswith("udp") else "tcp"
+
+
+def _same_protocol(addresses: list[str], raw: dict[str, Raw]) -> None:
+    """Both addresses UDP, or both TCP; a UDP pair gets /udp on its port and UDP's settings."""
+    listen, connect = (_protocol(a) for a in addresses)
+    if listen != connect:
+        raise ConfigError(
+            f"{SOURCE}s {' '.join(addresses)!r}: a {listen.upper()} listener cannot forward to a "
+            f"{connect.upper()} target; expected both TCP (TCP-LISTEN:P TCP:HOST:P) or both UDP "
+            "(UDP-LISTEN:P UDP:HOST:P)"
+        )
+    if listen == "udp":
+        ports = raw["ports"]
+        raw["ports"] = Raw(f"{ports.value}/udp", ports.source)
+        for tcp_key, udp_key in (("idle_timeout", "udp_idle_timeout"),):
+            if tcp_key in raw:  # -T: socat's inactivity timeout is the UDP session's idle timeout
+                raw[udp_key] = raw.pop(tcp_key)
+        if "half_close_timeout" in raw:
+            raise ConfigError(
+                f"{raw['half_close_timeout'].source}: UDP has no half-close; expected -T for UDP"
+            )
 
 
 def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
@@ -140,6 +199,7 @@ def _parts(
 
 def _listen_address(address: str, raw: dict[str, Raw]) -> None:
     where, keyword, params, options = _parts(address, LISTEN_KEYWORDS, "listen", 1, LISTEN_FORM)
+    _udp_options(keyword, options, where)
     try:
         port = parse_port(params[0], LISTEN_FORM)
     except AddressError as err:
@@ -168,6 +228,7 @@ def _listen_address(address: str, raw: dict[str, Raw]) -> None:
 
 def _connect_address(address: str, raw: dict[str, Raw]) -> None:
     where, keyword, params, options = _parts(address, CONNECT_KEYWORDS, "connect", 2, CONNECT_FORM)
+    _udp_options(keyword, options, where)
     try:
         host = check_host(params[0], CONNECT_FORM)
         port = parse_port(params[1], CONNECT_FORM)
@@ -203,6 +264,25 @@ def _connect_address(address: str, raw: dict[str, Raw]) -> None:
         # A number, not str(budget): that writes 1e+20 or 1e-05, which the duration parser refuses.
         budget = 365 * 86400.0 if retries < 0 else retries * interval
         raw["connect_retry"] = Raw(budget, where)
+
+
+def _udp_options(keyword: str, options: list[str], where: str) -> None:
+    """What a UDP address cannot honour: TCP's options, and RECVFROM without fork (socat then answers one
+    datagram and exits; the relay serves every client)."""
+    if not keyword.startswith("udp"):
+        return
+    names = [option.partition("=")[0].lower() for option in options]
+    for option, name in zip(options, names, strict=True):
+        if name in TCP_ONLY:
+            raise ConfigError(
+                f"{where}: option {option!r} applies to TCP only; UDP addresses take fork, reuseaddr, "
+                "reuseport and bind="
+            )
+    if keyword.endswith("recvfrom") and "fork" not in names:
+        raise ConfigError(
+            f"{where}: {keyword.upper()} without fork relays one datagram and exits in socat; the relay "
+            f"serves every client; expected {keyword.upper()}:PORT,fork (or UDP-LISTEN:PORT)"
+        )
 
 
 def _count(value: str) -> int:
