@@ -100,9 +100,9 @@ def run_relay(args: list[str], env: dict[str, str] | None = None) -> subprocess.
             "option 'su=nobody': 'su' is not supported",
         ),
         (
-            ["udp-listen:53", "udp:host.docker.internal:53"],
+            ["udp-recvfrom:53", "udp:host.docker.internal:53"],
             {},
-            "relay: error: socat argument 'udp-listen:53': 'UDP-LISTEN' is not a supported listen address",
+            "relay: error: socat argument 'udp-recvfrom:53': UDP-RECVFROM without fork relays one datagram",
         ),
         (["--loop", "uvloop", "--ports", "80", "--loop", "trio"], {}, "--loop: 'trio' is not one of"),
     ],

@@ -282,8 +282,9 @@ def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["udp-listen:80", "tcp:db:1"], "'UDP-LISTEN' is not a supported listen address"),
-        (["tcp-listen:80", "udp:db:1"], "'UDP' is not a supported connect address"),
+        (["udp-listen:80", "tcp:db:1"], "a UDP listener cannot forward to a TCP target"),
+        (["tcp-listen:80", "udp:db:1"], "a TCP listener cannot forward to a UDP target"),
+        (["sctp-listen:80", "tcp:db:1"], "'SCTP-LISTEN' is not a supported listen address"),
         (["tcp-listen:80,su=nobody", "tcp:db:1"], "option 'su=nobody': 'su' is not supported"),
         (["tcp-listen:80", "tcp:db:1,sourceport=9"], "'sourceport' is not supported"),
         (["tcp-listen:80"], "expected exactly two addresses"),
