@@ -5,6 +5,7 @@ target port, printing the likely cause and fix of each failure. Exit 0 when all 
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from relay.config import AUTO, Config, Route, lands_on
 from relay.upstream import Resolution, ResolveError, Resolver, classify, open_connection
 
 PROBE_TIMEOUT = 2.0
+UDP_WAIT = 0.5  # how long an ICMP port unreachable (or a reply) to the empty datagram is waited for
 SLIRP_GATEWAY = "10.0.2.2"
 
 CAUSES = {
@@ -26,6 +28,10 @@ CAUSES = {
     "unresolved": 'the name does not resolve: add extra_hosts: ["host.docker.internal:host-gateway"] to the '
     "*app* service (the sidecar shares its /etc/hosts), or set RELAY_TARGET",
     "other": "the connection failed; see the error",
+    "udp refused": "ICMP port unreachable: nothing listens on this UDP port; is the host service running, "
+    "and listening on 0.0.0.0 or the docker0 address rather than 127.0.0.1?",
+    "no answer": "open or filtered: UDP has no handshake, so a service that ignores an empty datagram and a "
+    "firewall that drops it look the same",
 }
 WILDCARDS = {"0.0.0.0": False, "::": True}  # wildcard listen address -> is IPv6
 
@@ -45,7 +51,7 @@ def _reaches_relay(config: Config, route: Route, addresses: tuple[str, ...]) -> 
     """The addresses of `route`'s target that are one of the relay's own listen sockets: probing them
     would reach the relay (which answers), while serving them would forward into itself."""
     port = route.target_port
-    listen = [hp for r in config.routes for hp in r.listen if hp.port == port]
+    listen = [hp for r in config.routes if r.protocol == route.protocol for hp in r.listen if hp.port == port]
     return tuple(
         a
         for a in addresses
@@ -94,6 +100,23 @@ async def _probe(
     return (time.perf_counter() - started) * 1000
 
 
+async def _probe_udp(loop: asyncio.AbstractEventLoop, address: str, port: int, wait: float) -> str:
+    """UDP has no connection to open: send one empty datagram on a connected socket and wait `wait` for
+    what comes back. `refused` (ICMP port unreachable), `answered` (a datagram) or `no answer`."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        try:
+            sock.connect((address, port))
+            sock.send(b"")
+            async with asyncio.timeout(wait):
+                await loop.sock_recv(sock, 1)
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "no answer"
+    return "answered"
+
+
 async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
     loop = asyncio.get_running_loop()
     timeout = min(config.connect_timeout, PROBE_TIMEOUT)
@@ -139,6 +162,13 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
         if itself:
             probes.append(Probe(route.name, shown, "loop", None, _cause("loop", route.target, itself)))
             continue
+        if route.protocol == "udp":
+            started = time.perf_counter()
+            status = await _probe_udp(loop, resolution.addresses[0], route.target_port, UDP_WAIT)
+            millis = (time.perf_counter() - started) * 1000 if status != "no answer" else None
+            cause = {"refused": CAUSES["udp refused"], "no answer": CAUSES["no answer"]}.get(status, "")
+            probes.append(Probe(route.name, shown + " udp", status, millis, cause))
+            continue
         try:
             millis = await _probe(loop, resolution.addresses, route.target_port, timeout)
         except Exception as exc:
@@ -160,6 +190,6 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
     hint = _rootless_hint([r for r in resolutions.values() if isinstance(r, Resolution)])
     if hint:
         print(f"\n{hint}", file=out)
-    failed = sum(p.status != "ok" for p in probes)
+    failed = sum(p.status not in ("ok", "answered", "no answer") for p in probes)
     print(f"\n{len(probes) - failed} of {len(probes)} target(s) answer", file=out)
     return 0 if failed == 0 else 1
