@@ -8,15 +8,16 @@ Rules of the Resolver (name resolution never sits on a connection's path):
 1. A literal address is its own answer, once and forever: no lookup, no task, no clock.
 2. `resolve()` returns the last good answer at once, however old (stale-while-revalidate). Only before the
    first answer does it wait, joining the walk in flight; its caller bounds that wait (connect timeout).
-3. `run()` (one tracked task per target, started by the server after binding, ended by `close()`) walks
-   the chain in the background: at once, then every REFRESH_SECONDS, and soon after `failed()` (a connect
-   to the answer failed), but not more often than every FAILED_REFRESH_GAP.
+3. `run()` (one tracked task per target, started by the server at start-up without waiting for it, ended
+   by `close()`) walks the chain in the background: at once, then every REFRESH_SECONDS, and soon after
+   `failed()` (a connect to the answer failed), but not more often than every FAILED_REFRESH_GAP.
 4. Every lookup of a name has its own time bound (LOOKUP_TIMEOUT), whatever the system resolver's timeout
    x attempts; a name that fails or times out is not asked again for NEGATIVE_SECONDS. One walk per target
    and one lookup per name run at a time. A name lower in the chain is asked STAGGER after a higher one
    that has not answered yet, so a DNS server that never answers delays the first answer by one time
    bound, not one per name.
-5. The first answer and each change of address are logged once; lookups are counted by name and result.
+5. The first answer and each change of address are logged once; lookups are counted by name and result
+   (ok, failed, timeout).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ NEGATIVE_SECONDS = 30.0  # a name that did not resolve is not asked again for th
 LOOKUP_TIMEOUT = 2.0  # one name's lookup; slower counts as no answer
 STAGGER = 0.25  # ask the next name of the chain when the one before has not answered in this time
 FAILED_REFRESH_GAP = 5.0  # refreshes caused by connect failures are at least this far apart
-LOOKUP_RESULTS = ("ok", "failed", "timeout")
 HAPPY_EYEBALLS_DELAY = 0.25
 FAMILIES = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
