@@ -340,8 +340,10 @@ def from_file(path: str) -> dict[str, Raw]:
     """The YAML file: a mapping of FILE_KEYS; syntax errors give the line."""
     import yaml  # ~30 ms of start-up: only when there is a file
 
+    # `path` from here on is the name as messages show it: quoted when a line break would split them.
+    file_name, path = path, path if path.isprintable() else repr(path)
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(file_name, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None

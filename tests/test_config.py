@@ -279,6 +279,17 @@ def test_config_file_not_utf8_is_one_line(tmp_path: Path) -> None:
     assert str(err.value) == f"{path}:2: not UTF-8 text (byte 0xe9); expected a UTF-8 YAML file"
 
 
+def test_config_file_name_with_a_line_break_is_quoted(tmp_path: Path) -> None:
+    """`--config $'a\\nb'` gave a two-line error: the name is quoted when it is not printable."""
+    path = tmp_path / "a\nb.yaml"
+    with pytest.raises(ConfigError) as err:
+        load({}, {"RELAY_CONFIG": str(path)})
+    assert str(err.value) == f"{str(path)!r}: cannot read the config file (No such file or directory)"
+    path.write_text("ports: '80'\nconect_timeout: 1s\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml':2: conect_timeout: unknown key"):
+        load({}, {"RELAY_CONFIG": str(path)})
+
+
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load({}, {"RELAY_CONFIG": str(tmp_path / "absent.yaml")})
