@@ -555,17 +555,22 @@ def test_deeply_nested_yaml_is_a_config_error(scratch: Path, opener: str, depth:
 
 # The OS cannot pass NUL inside argv or the environment; every other character can arrive.
 os_text = junk.map(lambda t: t.replace("\x00", ""))
+FLAGS = [o.flag for o in OPTIONS] + ["--config"]
+cli_value = st.one_of(os_text, st.sampled_from(NEAR))
 cli_argv = st.lists(
     st.one_of(
-        st.sampled_from(
-            [o.flag for o in OPTIONS] + ["--config", "-d", "--debug", "run", "check", "healthcheck"]
-        ),
-        os_text,
-        st.sampled_from(NEAR),
-        socat_address.map(lambda t: t.replace("\x00", "")),
+        # A flag and its value, as two arguments or as --flag=value; or any one argument.
+        st.tuples(st.sampled_from(FLAGS), cli_value).map(list),
+        st.tuples(st.sampled_from(FLAGS), cli_value).map(lambda p: ["=".join(p)]),
+        st.one_of(
+            st.sampled_from([*FLAGS, "-d", "--debug", "run", "check", "healthcheck"]),
+            os_text,
+            st.sampled_from(NEAR),
+            socat_address.map(lambda t: t.replace("\x00", "")),
+        ).map(lambda a: [a]),
     ),
-    max_size=6,
-)
+    max_size=4,
+).map(lambda parts: [a for part in parts for a in part])
 cli_env = st.dictionaries(
     st.sampled_from([o.env for o in OPTIONS] + ["RELAY_CONFIG", "PORTS", "DOCKER_HOST", "RELAY_NOPE"]),
     st.one_of(os_text, st.sampled_from(NEAR)),
