@@ -177,9 +177,9 @@ def _split(address: str) -> tuple[str, list[str], list[str]]:
     head, *options = address.split(",")
     keyword, _, rest = head.partition(":")
     params = rest.split(":") if rest else []
-    if rest.startswith("["):  # TCP6:[::1]:80
-        host, _, port = rest[1:].partition("]")
-        params = [host, port.lstrip(":")]
+    if rest.startswith("["):  # TCP6:[::1]:80; anything else after `]` (`[::1]80`, `[::1]:::80`) is not
+        host, bracket, port = rest[1:].partition("]")
+        params = [host, port[1:]] if bracket and port.startswith(":") else [rest]
     return keyword.lower(), params, options
 
 

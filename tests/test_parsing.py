@@ -293,6 +293,9 @@ def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds
         (["-b", "tcp-listen:80", "tcp:db:1"], "'tcp-listen:80' is not a whole number"),
         (["-u", "tcp-listen:80", "tcp:db:1"], "'-u': not supported"),
         (["tcp-listen:80,bind=nope", "tcp:db:1"], "'nope' is not an IP address"),
+        # Were read as [::1]:80: whatever followed `]` lost its colons.
+        (["tcp-listen:80", "tcp6:[::1]80"], "expected HOST:PORT after TCP6"),
+        (["tcp-listen:80", "tcp6:[::1]:::80"], "'::80' is not a port number"),
         # str.isdigit() said yes; int() then raised a bare ValueError (or the count overflowed a float).
         (["tcp-listen:80", "tcp:db:1,retry=²"], "'²' is not a whole number from 0 to 2147483647"),
         (["tcp-listen:80", "tcp:db:1,retry=" + "9" * 5000], "9' is not a whole number from 0 to"),
