@@ -17,6 +17,8 @@ Rules:
 5. Past max_udp_sessions (over every UDP route), datagrams from new client addresses are dropped,
    counted (`limit`) and logged at a limited rate; /readyz says so until a session ends.
 6. Per datagram: a buffer check, two counter adds and a send. Nothing else (no logging, no metrics call).
+   An empty datagram is a datagram too; asyncio before 3.13 silently skips sendto(b""), so that one goes
+   straight to the socket.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class UdpRoute:
                 ) from None
             bound = HostPort(want.host, sock.getsockname()[1])
             chosen_port = chosen_port or bound.port
-            listener = UdpListener(self, bound)
+            listener = UdpListener(self, bound, sock)
             try:
                 await loop.create_datagram_endpoint(functools.partial(_same, listener), sock=sock)
             except BaseException:
@@ -167,9 +169,10 @@ class UdpRoute:
 class UdpListener(asyncio.DatagramProtocol):
     """One listening socket: finds (or opens) the client's session and hands it the datagram."""
 
-    def __init__(self, udp: UdpRoute, address: HostPort) -> None:
+    def __init__(self, udp: UdpRoute, address: HostPort, sock: socket.socket) -> None:
         self.udp = udp
         self.address = address  # as bound: the real port when 0 was asked for
+        self.sock = sock
         self.transport: Transport | None = None
         self.sessions: dict[Address, Session] = {}
         self.closed = False
@@ -203,7 +206,7 @@ class UdpListener(asyncio.DatagramProtocol):
 class Session(asyncio.DatagramProtocol):
     """One client address: a socket connected to the target."""
 
-    __slots__ = ("client", "early", "listener", "opening", "quiet", "stats", "transport", "udp")
+    __slots__ = ("client", "early", "listener", "opening", "quiet", "sock", "stats", "transport", "udp")
 
     def __init__(self, udp: UdpRoute, listener: UdpListener, client: Address) -> None:
         self.udp = udp
@@ -211,6 +214,7 @@ class Session(asyncio.DatagramProtocol):
         self.listener = listener
         self.client = client
         self.transport: Transport | None = None
+        self.sock: socket.socket | None = None
         self.opening: asyncio.Task[None] | None = None
         self.early: deque[bytes] | None = deque()  # None once open or closed
         self.quiet = 0  # sweeps since the last datagram either way
@@ -227,7 +231,10 @@ class Session(asyncio.DatagramProtocol):
         else:
             self.stats.datagrams_c2t += 1
             self.stats.bytes_c2t += len(data)
-            transport.sendto(data)
+            if data:
+                transport.sendto(data)
+            else:
+                self._send_empty(self.sock, None)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.quiet = 0
@@ -239,7 +246,24 @@ class Session(asyncio.DatagramProtocol):
         else:
             self.stats.datagrams_t2c += 1
             self.stats.bytes_t2c += len(data)
-            out.sendto(data, self.client)
+            if data:
+                out.sendto(data, self.client)
+            else:
+                self._send_empty(self.listener.sock, self.client)
+
+    def _send_empty(self, sock: socket.socket | None, to: Address) -> None:
+        """Rule 6: an empty datagram, written to the socket itself (the buffer was checked empty)."""
+        try:
+            if sock is None:
+                return
+            if to is None:
+                sock.send(b"")
+            else:
+                sock.sendto(b"", to)
+        except BlockingIOError:
+            self.stats.dropped["buffer"] += 1
+        except OSError:
+            self.stats.dropped["unreachable"] += 1
 
     def error_received(self, exc: Exception) -> None:
         """ICMP port/host unreachable for a datagram sent earlier: counted; the session stays (rule 2)."""
@@ -260,7 +284,7 @@ class Session(asyncio.DatagramProtocol):
         try:
             async with asyncio.timeout(udp.hub.shared.config.connect_timeout):
                 resolution = await udp.resolver.resolve()
-            sock = _connect(resolution.addresses, udp.route.target_port)
+            sock = self.sock = _connect(resolution.addresses, udp.route.target_port)
             try:
                 await loop.create_datagram_endpoint(functools.partial(_same, self), sock=sock)
             except BaseException:

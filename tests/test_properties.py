@@ -316,11 +316,17 @@ socat_option = st.one_of(
 KEYWORDS = st.sampled_from([*socat.LISTEN_KEYWORDS, *socat.CONNECT_KEYWORDS, "udp", "TCP-LISTEN", "x"])
 
 
+# `[v6]` and a port with the separator right or wrong: `[::1]:80`, `[::1]80`, `[::1]:::80`.
+BRACKETED = st.builds("[{}]{}{}".format, ipv6, st.sampled_from([":", "", ":::", "]:"]), ports)
+
+
 def _socat_address(keyword: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     return st.builds(
         lambda keyword, params, options: ",".join([f"{keyword}:{':'.join(params)}", *options]),
         keyword,
-        st.lists(st.one_of(ports.map(str), host, st.builds("[{}]".format, ipv6), junk), max_size=3),
+        st.lists(
+            st.one_of(ports.map(str), host, st.builds("[{}]".format, ipv6), BRACKETED, junk), max_size=3
+        ),
         st.lists(socat_option, max_size=4),
     )
 
@@ -355,8 +361,11 @@ def test_socat_argv_gives_settings_or_one_line_error(argv: list[str]) -> None:
             a.strip() and a.isprintable() and a in message for a in argv
         ), (message, argv)
     else:
-        assert len(config.routes) == 1
-        well_formed_host(config.routes[0].target)
+        (route,) = config.routes
+        well_formed_host(route.target)
+        # What was read is what one argument says: KEYWORD:HOST:PORT or KEYWORD:[HOST]:PORT, nothing lost.
+        said = rf"[A-Za-z0-9-]+:\[?{re.escape(route.target)}\]?:0*{route.target_port}(,.*)?"
+        assert any(re.fullmatch(said, a, re.S) for a in argv), (route, argv)
 
 
 # --- config: raw values from any source, and YAML files --------------------------------------------------
