@@ -280,6 +280,10 @@ def test_parse_hostport_returns_a_clean_pair_or_one_line_error(text: str, defaul
         assert 1 <= hp.port <= 65535
         well_formed_host(hp.host)
         assert check_host(hp.host) == hp.host
+        # Nothing of the text is dropped: it is HOST:PORT, [HOST]:PORT or (with a default port) HOST.
+        said = rf"\[?{re.escape(hp.host)}\]?(:0*{hp.port})?"
+        assert re.fullmatch(said, text.strip()), (hp, text)
+        assert default is not None or ":" in text.strip().removeprefix(f"[{hp.host}]")
 
 
 @PROPERTY
