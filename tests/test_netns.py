@@ -162,3 +162,30 @@ def test_socat_argv(topology: Callable[..., Topology]) -> None:
 
     assert_round_trips_over_both_families(topo, 8000)
     assert_stops_promptly(relay)
+
+
+def test_udp_round_trip_to_a_host_service(topology: Callable[..., Topology]) -> None:
+    """UDP next to TCP on one port number, as an app reaches a host's DNS or StatsD.
+
+    1. App and host namespaces with the hosts entry; host services (TCP and UDP) on 10.200.0.1:8000 and
+       :9125.
+    2. Relay with RELAY_PORTS="8000 8000/udp 8125:9125/udp".
+    3. From the app namespace: datagrams of 1 byte to 60,000 bytes to localhost:8000 and localhost:8125
+       over 127.0.0.1 and ::1 come back whole from host ports 8000 / 9125; TCP on 8000 still echoes.
+    4. SIGTERM: the relay exits 0 promptly.
+    """
+    topo = topology(hosts_entry=True)
+    topo.host_services(HOST_IP, 8000, 9125)
+    relay = topo.relay([], {"RELAY_PORTS": "8000 8000/udp 8125:9125/udp"})
+    relay.wait_for(f"host.docker.internal -> {HOST_IP}", timeout=5)
+
+    result = topo.app_client("u4:8000:8000", "u6:8000:8000", "u4:8125:9125", "u6:8125:9125", "4:8000:8000")
+    assert_passed(
+        result,
+        "udp 127.0.0.1:8000->8000",
+        "udp ::1:8000->8000",
+        "udp 127.0.0.1:8125->9125",
+        "udp ::1:8125->9125",
+        "echo 127.0.0.1:8000->8000",
+    )
+    assert_stops_promptly(relay)

@@ -1,4 +1,5 @@
-"""The "host" services of the Docker engine test: TCP servers on an address of a bridge the test created.
+"""The "host" services of the Docker engine test: TCP and UDP servers on an address of a bridge the test
+created.
 
 Usage: host_services.py ADDRESS PORT [PORT...]
 
@@ -9,6 +10,9 @@ first byte a client sends picks what the connection does:
 - `H` (half-close): the server reads until the client's EOF (the client has shut its write side), waits
   one second, then answers `PORT SHA256 LENGTH` of what it read and closes. The reply proves that the
   path kept the other direction open after the client's FIN, and which host port was reached.
+
+Each port also answers UDP: every datagram comes back as `PORT ` followed by the datagram, to the address
+it came from, so the client sees which host port it reached and that the datagram arrived whole.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ def handle(conn: socket.socket, port: int) -> None:
             print(f"port {port}: {exc}", file=sys.stderr, flush=True)
 
 
+def serve_udp(sock: socket.socket) -> None:
+    prefix = f"{sock.getsockname()[1]} ".encode()
+    while True:
+        data, client = sock.recvfrom(65535)
+        sock.sendto(prefix + data, client)
+
+
 def serve(listener: socket.socket) -> None:
     port = int(listener.getsockname()[1])
     while True:
@@ -64,10 +75,13 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     address, ports = argv[0], [int(p) for p in argv[1:]]
-    listeners = []
+    listeners, datagram = [], []
     for port in ports:
         try:
             listeners.append(socket.create_server((address, port), backlog=128))
+            udp = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+            datagram.append(udp)
+            udp.bind((address, port))
         except OSError as exc:
             print(f"cannot listen on {address}:{port}: {exc}", file=sys.stderr, flush=True)
             return 1
@@ -80,6 +94,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     for listener in listeners:
         threading.Thread(target=serve, args=(listener,), daemon=True).start()
+    for udp in datagram:
+        threading.Thread(target=serve_udp, args=(udp,), daemon=True).start()
     print("ready", flush=True)
     stop.wait()
     return 0
