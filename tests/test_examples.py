@@ -97,17 +97,19 @@ def test_socat_dropin_is_the_seed_recipe() -> None:
 
 def test_many_ports_shape() -> None:
     """many-ports: extra_hosts on the app (not the relay); the relay restarts with its app; RELAY_PORTS
-    holds a single port, a range and a mapping, and the relay expands them as the comment says; the relay
-    runs read-only with no capabilities."""
+    holds a single port, a range, a mapping and a UDP port (StatsD), and the relay expands them as the
+    comment says; the relay runs read-only with no capabilities."""
     found = services("many-ports")
     assert found["app"]["extra_hosts"] == [HOST_GATEWAY]
     relay = found["relay"]
     assert relay["depends_on"] == {"app": {"condition": "service_started", "restart": True}}
-    assert relay["environment"] == {"RELAY_PORTS": "3000 8000-8002 5432:5433"}
+    assert relay["environment"] == {"RELAY_PORTS": "3000 8000-8002 5432:5433 8125/udp"}
     assert "command" not in relay
     assert routes([], relay["environment"]) == loopback_routes(
-        [(3000, 3000), (8000, 8000), (8001, 8001), (8002, 8002), (5432, 5433)]
+        [(3000, 3000), (8000, 8000), (8001, 8001), (8002, 8002), (5432, 5433), (8125, 8125)]
     )
+    _, config, _ = parse([], relay["environment"])
+    assert [r.name for r in config.routes if r.protocol == "udp"] == ["udp/8125"]
     assert relay["read_only"] is True
     assert relay["cap_drop"] == ["ALL"]
 

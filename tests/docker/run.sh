@@ -19,7 +19,8 @@
 #     the "host" services (host_services.py) on a bridge address -- socat-dropin has no extra_hosts, so
 #     its relay falls back to the app network's gateway; many-ports maps host.docker.internal to docker0
 #     -- wait for the relay's `ready`, check its target line and `relay healthcheck`, run app_client.py in
-#     the app container (payload round trip and half-close over 127.0.0.1 and ::1 to every port), time
+#     the app container (payload round trip and half-close over 127.0.0.1 and ::1 to every port; UDP
+#     datagrams to many-ports' StatsD port 8125), time
 #     `docker stop` of the relay (SIGTERM as PID 1), `down`.
 #  6. The app restarts (many-ports again; the app has `restart: unless-stopped` from the override): `docker
 #     restart app`, `kill -9` of the app's process from here (the engine's restart policy restarts it) and
@@ -711,9 +712,9 @@ main() {
 
     start_dns
     example socat-dropin "relaytest$$a" gateway "8000" 4:8000:8000 6:8000:8000
-    example many-ports "relaytest$$b" docker0 "3000 5433 8000 8001 8002" \
+    example many-ports "relaytest$$b" docker0 "3000 5433 8000 8001 8002 8125" \
         4:3000:3000 6:3000:3000 4:8000:8000 6:8000:8000 4:8001:8001 6:8001:8001 4:8002:8002 6:8002:8002 \
-        4:5432:5433 6:5432:5433
+        4:5432:5433 6:5432:5433 u4:8125:8125 u6:8125:8125
     app_restarts "relaytest$$c"
     holder_layout "relaytest$$d"
     local line
