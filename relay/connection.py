@@ -25,7 +25,7 @@ from relay.config import Config, Route
 from relay.logs import RateLimited
 from relay.pump import Side, reset, set_socket_options
 from relay.stats import RouteStats
-from relay.upstream import Resolver, backoff_delays, classify, open_connection
+from relay.upstream import ResolveError, Resolver, backoff_delays, classify, open_connection
 
 log = logging.getLogger("relay")
 
@@ -174,6 +174,7 @@ class Connection:
         if self.target.transport is not None:  # a retry: the last attempt's side is written off
             self.target = Side(self)
         timer = loop.call_later(timeout, self._expire)
+        resolution = None
         try:
             resolution = await self.ctx.resolver.resolve()
             port = self.ctx.route.target_port
@@ -188,6 +189,8 @@ class Connection:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
+            if resolution is None:  # still waiting for the first answer: DNS, not the host, is silent
+                raise ResolveError(f"no DNS answer for {self.ctx.route.target} within {timeout:g}s") from None
             raise TimeoutError(f"no answer within {timeout:g}s") from None
         finally:
             timer.cancel()
@@ -216,6 +219,8 @@ class Connection:
     def _connect_failed(self, reason: str, exc: BaseException) -> None:
         ctx = self.ctx
         ctx.stats.connect_errors[reason] += 1
+        if reason in ("refused", "timeout"):
+            ctx.resolver.failed()  # the host may have moved: refresh in the background (never waits)
         route = ctx.route
         resolved = ctx.resolver.last
         addresses = resolved.addresses if resolved is not None else ()
@@ -395,9 +400,7 @@ def _gone(side: Side) -> bool:
     """Lost, never opened, or closing with nothing left to write (connection_lost is then due)."""
     transport = side.transport
     return (
-        side.lost
-        or transport is None
-        or (transport.is_closing() and not transport.get_write_buffer_size())
+        side.lost or transport is None or (transport.is_closing() and not transport.get_write_buffer_size())
     )
 
 

@@ -20,7 +20,7 @@ from relay.address import HostPort
 from relay.config import Config, Route
 from relay.server import Server
 from relay.upstream import Resolution, ResolveError, Resolver, SystemLookup
-from tests.support import echo, port_of, read_all, scrape, tcp_server, value, wait_until
+from tests.support import echo, port_of, read_all, scrape, tcp_server, unused_port, value, wait_until
 
 Run = Callable[..., Any]
 Lookup = Callable[..., Awaitable[list[tuple[Any, ...]]]]
@@ -416,5 +416,55 @@ def test_unresolved_target_makes_readiness_say_why(run: Run) -> None:
                 assert value(samples, lookups, target="db.test", host="db.test", result="ok") == 1
             finally:
                 await server.drain()
+
+    run(scenario())
+
+
+def test_connect_timeout_while_dns_is_silent_counts_as_unresolved(run: Run) -> None:
+    """Steps: target db.test, whose first lookup never answers; connect_timeout 0.3 s; a client is reset
+    when the timer fires, and the failure is counted and hinted as `unresolved` (no DNS answer yet), not
+    as a `timeout` with the host-firewall hint."""
+
+    async def scenario() -> None:
+        names = Names({"db.test": "127.0.0.1"})
+        names.gate("db.test")  # never opened
+        async with tcp_server(echo) as target:
+            server = server_for(target, names, connect_timeout=0.3)
+            await server.start()
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+                with pytest.raises(ConnectionResetError):
+                    await reader.read()
+                writer.close()
+                stats = server.stats["test"]
+                assert stats.connect_errors["unresolved"] == 1
+                assert stats.connect_errors["timeout"] == 0
+            finally:
+                await server.drain()
+
+    run(scenario())
+
+
+def test_a_refused_connect_asks_the_resolver_again(run: Run) -> None:
+    """Steps: db.test resolves to 127.0.0.1, where nothing listens on the target port; a client's connect
+    is refused; the resolver looks the name up again in the background (the host may have moved)
+    without the client waiting for it."""
+
+    async def scenario() -> None:
+        names = Names({"db.test": "127.0.0.1"})
+        server = server_for(unused_port(), names)
+        server._resolver("db.test").failed_gap = 0.0  # no wait between failure-driven refreshes here
+        await server.start()
+        try:
+            await names.wait_calls(1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            writer.close()
+            assert server.stats["test"].connect_errors["refused"] == 1
+            async with asyncio.timeout(5):
+                await names.wait_calls(2)
+        finally:
+            await server.drain()
 
     run(scenario())
