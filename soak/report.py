@@ -111,7 +111,8 @@ def checks(fig: dict[str, Any]) -> list[Check]:
         Check(
             "fdlim: /readyz 503 while every connection slot is taken",
             bool(full) and all(a.startswith("503") for a in full),
-            f"{sum(a.startswith('503') for a in full)} of {len(full)} answers were 503",
+            f"{sum(a.startswith('503') for a in full)} of {len(full)} answers were 503"
+            + "".join(f"; {a[:120]}" for a in dict.fromkeys(a for a in full if not a.startswith("503"))),
         )
     )
     flooded = [a for phase, a in answers if phase == faults.SCRAPES_HELD]

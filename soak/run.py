@@ -160,7 +160,7 @@ async def _start(setup: Setup) -> None:
 def _jobs(plan: Plan, setup: Setup, ledger: Ledger, found: Findings, stop_at: float) -> list[Awaitable[Any]]:
     """The load (workers) and the faults, as coroutines that all end by `stop_at` (+ one operation)."""
     address = setup.address
-    weights = [(35, "bulk"), (20, "crashy"), (15, "flaky"), (10, "fdlim")]
+    weights = [(40, "bulk"), (20, "crashy"), (20, "flaky")]  # fdlim: its own task (faults.py)
     weights += [(6, r.name) for r in setup.flapping]
     jobs: list[Awaitable[Any]] = []
 
@@ -177,11 +177,18 @@ def _jobs(plan: Plan, setup: Setup, ledger: Ledger, found: Findings, stop_at: fl
         relayed = (HOST, BLACKHOLE_PORT)
         direct = (setup.hole.gateway, setup.hole_target.port)
         workers(1, "blackhole", traffic.blackhole(relayed, direct, setup.hole.app.dial), pause=0.25)
-    rng = random.Random(f"{plan.seed}-faults")
-    kill = faults.kill_target(setup.crashy, "crashy", address["crashy"], ledger, rng, stop_at)
-    flap = faults.flap_target(setup.targets[1], "flaky", ledger, rng, stop_at)
-    reload = faults.reload_routes(setup.main, setup.fixed, setup.flapping, ledger, rng, stop_at, found)
-    fds = faults.exhaust_descriptors(setup.limited, "fdlim", address["fdlim"], ledger, rng, stop_at, found)
+
+    def rng(fault: str) -> random.Random:
+        return random.Random(f"{plan.seed}-{fault}")
+
+    kill = faults.kill_target(setup.crashy, "crashy", address["crashy"], ledger, rng("kill"), stop_at)
+    flap = faults.flap_target(setup.targets[1], "flaky", ledger, rng("flap"), stop_at)
+    reload = faults.reload_routes(
+        setup.main, setup.fixed, setup.flapping, ledger, rng("reload"), stop_at, found
+    )
+    fds = faults.exhaust_descriptors(
+        setup.limited, "fdlim", address["fdlim"], ledger, rng("descriptors"), stop_at, found
+    )
     jobs += [
         _guard(name, job, found)
         for name, job in (("kill", kill), ("flap", flap), ("reload", reload), ("descriptors", fds))

@@ -56,6 +56,7 @@ def test_soak_short_form(tmp_path: Path) -> None:
     assert proc.leftovers(run_id) == [], "the soak left processes behind"
     assert not {f"{tag}-app", f"{tag}-host"} & _namespaces(), "the soak left its namespaces behind"
     assert not (Path("/etc/netns") / f"{tag}-app").exists()
+    assert figures.exists(), f"the soak wrote no figures (exit {child.returncode}):\n{output[-4000:]}"
     fig = json.loads(figures.read_text())
     failed = [f"{c['name']}: {c['detail']}" for c in fig["checks"] if not c["ok"]]
     assert not failed, "\n".join(failed) + "\n" + output[-4000:]
