@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import harness, netns, proc, report, subjects
+from bench import harness, netns, proc, report, subjects, udp
 from bench.subjects import Subject
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", help="comma list (default all; smoke throughput_up,rtt,conns)")
     p.add_argument("--memory-connections", type=int, help="held connections (default 5000; smoke 100)")
     p.add_argument("--no-netns", action="store_true", help="skip the namespace + veth topology")
+    p.add_argument(
+        "--udp-workloads",
+        help=f"UDP workloads, comma list, or none (default {','.join(udp.ALL_WORKLOADS)}; smoke udp_rtt)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "docs", help="where benchmarks.md/.png go")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the relay")
     p.add_argument(
@@ -64,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.memory_connections = args.memory_connections or (100 if args.smoke else 5000)
     smoke_workloads = (harness.THROUGHPUT_UP, harness.RTT, harness.CONNS)
     args.workloads = args.workloads or ",".join(smoke_workloads if args.smoke else harness.ALL_WORKLOADS)
+    if args.udp_workloads is None:
+        args.udp_workloads = udp.UDP_RTT if args.smoke else ",".join(udp.ALL_WORKLOADS)
+    if args.udp_workloads == "none":
+        args.udp_workloads = ""
     return args
 
 
@@ -71,6 +79,7 @@ def rerender(args: argparse.Namespace) -> int:
     meta = json.loads(args.render.with_suffix(".meta.json").read_text())
     for key in ("smoke", "reps", "seconds", "memory_connections"):
         setattr(args, key, meta[key])
+    args.udp_subjects = meta.get("udp_subjects", [])
     records = [harness.Record(**json.loads(line)) for line in args.render.read_text().splitlines() if line]
     machine = [(str(k), str(v)) for k, v in meta.get("machine", [])] or report.machine(args.python)
     write_report(records, meta["subjects"], args, meta["elapsed"], meta["notes"], machine)
@@ -137,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         harness.run_interleaved(subs, workloads, harness.LOOPBACK, args.reps, args.seconds, workdir, log)
+        udp_workloads = [w for w in args.udp_workloads.split(",") if w]
+        args.udp_subjects = []
+        if udp_workloads and (missing_udp := udp.missing_tools(udp_workloads)):
+            notes.append(f"UDP workloads not run: missing {' '.join(missing_udp)}.")
+        elif udp_workloads:
+            # Smoke: prove the UDP path works; the comparison with socat is for full runs.
+            udp_subs = udp.subjects([n for n in names if n != "socat" or not args.smoke], args.python)
+            args.udp_subjects = [s.name for s in udp_subs]
+            print(f"bench: UDP, {len(udp_subs)} subjects, {len(udp_workloads)} workloads", file=sys.stderr)
+            udp.run_interleaved(udp_subs, udp_workloads, args.reps, args.seconds, workdir, log)
         relaying = [s for s in subs if s.relays]
         for s in relaying:
             log(harness.measure_startup(s, workdir, 2 if args.smoke else 7))
@@ -169,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed": elapsed,
         "notes": notes,
         "subjects": [s.name for s in subs],
+        "udp_subjects": args.udp_subjects,
         "machine": machine,
     }
     raw.with_suffix(".meta.json").write_text(json.dumps(meta))
@@ -222,6 +242,16 @@ def render(
         *report.results_table(med, "loopback", names),
         "",
     ]
+    if any(r.topology == udp.TOPOLOGY for r in records):
+        udp_names = [n for n in getattr(args, "udp_subjects", []) if any(r.subject == n for r in records)]
+        lines += [
+            "## UDP (loopback)",
+            "",
+            "Load → subject → server over UDP, all on 127.0.0.1 (issue 10). Medians; ratios are the relay's.",
+            "",
+            *udp.report_lines(med, udp_names),
+            "",
+        ]
     if any(r.topology == "netns" for r in records):
         lines += [
             "## Sidecar topology: namespace + veth",
@@ -250,6 +280,7 @@ def render(
         f"process per connection, so it holds {subjects.SOCAT.memory_connections} and its RSS sums every "
         "child (shared pages counted in each); PSS shares them out.",
         "- **start to listening**: spawn → the port is in LISTEN (netlink sock_diag), median of several.",
+        *udp.describe(),
         "- Raw records of each run: `bench/results/*.jsonl` (not committed).",
         "",
         "## Machine",

@@ -7,10 +7,11 @@ Rules:
 2. Nothing blocks and nothing queues beyond the kernel: a datagram that cannot be sent at once (the
    transport holds unsent data) is dropped and counted (`buffer`), as the kernel drops what does not fit.
    An ICMP error from the target (port unreachable) is counted (`unreachable`) and ends nothing.
-3. A session's socket opens after the target resolves (upstream.Resolver: at once when it is known).
-   The datagrams that arrive meanwhile wait, at most EARLY_DATAGRAMS of them: dropping them would lose the
-   first query of every new client (a DNS lookup, a StatsD burst), while an unbounded queue would grow
-   without limit before a target that never resolves; those are dropped (`unresolved`) when it fails.
+3. A session's socket is connected at once when the target's address is known (upstream.Resolver keeps
+   the last answer), and datagrams go straight to it until the loop has attached a transport. Before the
+   target's first answer, datagrams wait, at most EARLY_DATAGRAMS per session: dropping them would lose
+   the first query of every new client (a DNS lookup, a StatsD burst), while an unbounded queue would
+   grow before a target that never resolves; those are dropped (`unresolved`) when the wait fails.
 4. Idle sessions end in a coarse sweep, SWEEP_TICKS times per udp_idle_timeout: a session that saw no
    datagram either way for more than SWEEP_TICKS sweeps ends, so between 1 and 1.25 x the timeout.
    No timer and no clock read per datagram.
@@ -155,7 +156,10 @@ class UdpRoute:
         listener.sessions[client] = session
         hub.sessions += 1
         self.stats.sessions += 1
-        session.opening = asyncio.get_running_loop().create_task(session.open())
+        session.start()
+        if session.closed:  # no route to the target's address: counted and logged by the session
+            self.stats.dropped["unreachable"] += 1
+            return None
         return session
 
     def session_ended(self, session: Session) -> None:
@@ -204,9 +208,25 @@ class UdpListener(asyncio.DatagramProtocol):
 
 
 class Session(asyncio.DatagramProtocol):
-    """One client address: a socket connected to the target."""
+    """One client address: a socket connected to the target.
 
-    __slots__ = ("client", "early", "listener", "opening", "quiet", "sock", "stats", "transport", "udp")
+    Its life: `start()` connects the socket at once when the target's address is known (else a task
+    resolves it first, rule 3), then the loop attaches a transport to it, which takes a loop turn or two.
+    Until then datagrams go straight to the socket, so a burst at a session's start is not cut short.
+    """
+
+    __slots__ = (
+        "client",
+        "closed",
+        "early",
+        "listener",
+        "opening",
+        "quiet",
+        "sock",
+        "stats",
+        "transport",
+        "udp",
+    )
 
     def __init__(self, udp: UdpRoute, listener: UdpListener, client: Address) -> None:
         self.udp = udp
@@ -214,10 +234,11 @@ class Session(asyncio.DatagramProtocol):
         self.listener = listener
         self.client = client
         self.transport: Transport | None = None
-        self.sock: socket.socket | None = None
-        self.opening: asyncio.Task[None] | None = None
-        self.early: deque[bytes] | None = deque()  # None once open or closed
+        self.sock: socket.socket | None = None  # connected to the target; the transport's once attached
+        self.opening: asyncio.Future[Any] | None = None  # resolving, or attaching the transport
+        self.early: deque[bytes] = deque()  # while resolving (rule 3)
         self.quiet = 0  # sweeps since the last datagram either way
+        self.closed = False
 
     # --- the hot path (rule 6) -----------------------------------------------------------------------
 
@@ -225,7 +246,7 @@ class Session(asyncio.DatagramProtocol):
         self.quiet = 0
         transport = self.transport
         if transport is None:
-            self._wait(data)
+            self._before_transport(data)
         elif transport.get_write_buffer_size():
             self.stats.dropped["buffer"] += 1
         else:
@@ -234,7 +255,7 @@ class Session(asyncio.DatagramProtocol):
             if data:
                 transport.sendto(data)
             else:
-                self._send_empty(self.sock, None)
+                self._send(self.sock, b"", None)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.quiet = 0
@@ -249,20 +270,20 @@ class Session(asyncio.DatagramProtocol):
             if data:
                 out.sendto(data, self.client)
             else:
-                self._send_empty(self.listener.sock, self.client)
+                self._send(self.listener.sock, b"", self.client)
 
-    def _send_empty(self, sock: socket.socket | None, to: Address) -> None:
-        """Rule 6: an empty datagram, written to the socket itself (the buffer was checked empty)."""
+    def _send(self, sock: socket.socket | None, data: bytes, to: Address) -> None:
+        """Straight to a socket: an empty datagram (rule 6), or any before the transport is attached."""
         try:
             if sock is None:
                 return
             if to is None:
-                sock.send(b"")
+                sock.send(data)
             else:
-                sock.sendto(b"", to)
+                sock.sendto(data, to)
         except BlockingIOError:
             self.stats.dropped["buffer"] += 1
-        except OSError:
+        except OSError:  # ConnectionRefusedError: an ICMP error for an earlier datagram
             self.stats.dropped["unreachable"] += 1
 
     def error_received(self, exc: Exception) -> None:
@@ -271,61 +292,94 @@ class Session(asyncio.DatagramProtocol):
 
     # --- opening and closing -----------------------------------------------------------------------------
 
-    def _wait(self, data: bytes) -> None:
-        """Rule 3: hold a few datagrams until the socket to the target is open."""
-        if self.early is not None and len(self.early) < EARLY_DATAGRAMS:
+    def _before_transport(self, data: bytes) -> None:
+        if self.sock is not None:
+            self.stats.datagrams_c2t += 1
+            self.stats.bytes_c2t += len(data)
+            self._send(self.sock, data, None)
+        elif len(self.early) < EARLY_DATAGRAMS:
             self.early.append(data)
         else:
             self.stats.dropped["buffer"] += 1
 
-    async def open(self) -> None:
-        udp = self.udp
-        loop = asyncio.get_running_loop()
+    def start(self) -> None:
+        last = self.udp.resolver.last
+        if last is None:
+            self.opening = asyncio.ensure_future(self._resolve())
+            return
         try:
-            async with asyncio.timeout(udp.hub.shared.config.connect_timeout):
-                resolution = await udp.resolver.resolve()
-            sock = self.sock = _connect(resolution.addresses, udp.route.target_port)
-            try:
-                await loop.create_datagram_endpoint(functools.partial(_same, self), sock=sock)
-            except BaseException:
-                sock.close()
-                raise
+            self.sock = _connect(last.addresses, self.udp.route.target_port)
+        except OSError as err:
+            self._failed(err)
+            return
+        self._attach()
+
+    async def _resolve(self) -> None:
+        """Rule 3: wait for the target's first answer (bounded by connect_timeout), then connect."""
+        try:
+            async with asyncio.timeout(self.udp.hub.shared.config.connect_timeout):
+                resolution = await self.udp.resolver.resolve()
+            self.sock = _connect(resolution.addresses, self.udp.route.target_port)
         except (ResolveError, TimeoutError, OSError) as err:
-            if isinstance(err, ResolveError | TimeoutError):
-                reason = "unresolved"
-            else:
-                reason = "unreachable"
-                udp.resolver.failed()
-            self.stats.dropped[reason] += len(self.early or ())
-            udp.hub.shared.warnings.warning(
-                f"udp_open:{udp.route.name}",
-                f"{udp.route.name}: cannot reach the target over UDP: {err}",
-                route=udp.route.name,
-            )
             self.opening = None
-            self.close()
+            self._failed(err)
+            return
+        early, self.early = self.early, deque()
+        for data in early:
+            self._before_transport(data)
+        self._attach()
+
+    def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.opening = opening = asyncio.ensure_future(
+            loop.create_datagram_endpoint(functools.partial(_same, self), sock=self.sock)
+        )
+        opening.add_done_callback(self._attached)
+
+    def _attached(self, opening: asyncio.Future[Any]) -> None:
+        if self.opening is opening:
+            self.opening = None
+        failed = opening.cancelled() or opening.exception() is not None
+        if failed and self.transport is None and self.sock is not None:
+            self.sock.close()  # the loop never took it over (or closed it already: closing twice is fine)
+        if not opening.cancelled() and (exc := opening.exception()) is not None:
+            self._failed(exc)
+
+    def _failed(self, err: BaseException) -> None:
+        udp = self.udp
+        if isinstance(err, ResolveError | TimeoutError):
+            reason = "unresolved"
+        else:
+            reason = "unreachable"
+            udp.resolver.failed()
+        self.stats.dropped[reason] += len(self.early)
+        udp.hub.shared.warnings.warning(
+            f"udp_open:{udp.route.name}",
+            f"{udp.route.name}: cannot reach the target over UDP: {err}",
+            route=udp.route.name,
+        )
+        self.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.opening = None
-        if self.early is None:  # closed while opening
+        if self.closed:
             transport.close()
-            return
-        self.transport = cast(Transport, transport)
-        early, self.early = self.early, None
-        for data in early:
-            self.to_target(data)
+        else:
+            self.transport = cast(Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close()
 
     def close(self) -> None:
-        if self.early is None and self.transport is None and self.opening is None:
+        if self.closed:
             return
-        self.early = None
-        if self.opening is not None:
-            self.opening.cancel()
-            self.opening = None
+        self.closed = True
+        self.early.clear()
+        opening, self.opening = self.opening, None
         transport, self.transport = self.transport, None
+        if opening is not None:
+            opening.cancel()  # its callback closes the socket if the loop never took it over
+        elif transport is None and self.sock is not None:
+            self.sock.close()
         if transport is not None:
             transport.close()
         self.udp.session_ended(self)

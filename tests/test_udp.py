@@ -23,7 +23,7 @@ from relay.check import run_check
 from relay.config import Config, ConfigError, Raw, Route, load
 from relay.health import readiness
 from relay.server import Server
-from relay.udp import LIMIT_PROBLEM
+from relay.udp import EARLY_DATAGRAMS, LIMIT_PROBLEM
 from tests.support import echo, scrape, tcp_server, value, wait_until
 
 Run = Callable[..., Any]
@@ -336,6 +336,72 @@ def test_an_empty_datagram_is_relayed(run: Run) -> None:
                 data = await asyncio.get_running_loop().run_in_executor(None, client.recv, 100)
             assert data == b"(empty)"
             assert server.udp.stats["dns"].datagrams_c2t == 1
+
+    run(scenario())
+
+
+def test_a_burst_at_a_new_session_is_not_cut_short(run: Run) -> None:
+    """A new client sends 50 datagrams back to back, before its session's transport can be attached:
+    all 50 reach the target and come back, and nothing is counted dropped."""
+
+    async def scenario() -> None:
+        async with (
+            udp_peer(echo=True) as (_, target),
+            udp_relay(target) as server,
+            udp_peer(remote=("127.0.0.1", udp_port(server))) as (client, _),
+        ):
+            sent = {f"burst {n}".encode() for n in range(50)}
+            for data in sorted(sent):
+                client.send(data)
+            assert {await client.reply() for _ in range(50)} == sent
+            assert not server.udp.stats["dns"].dropped
+
+    run(scenario())
+
+
+def test_datagrams_wait_for_the_first_answer_of_the_target(run: Run) -> None:
+    """Steps: the target is a name whose lookup waits on a gate; a client sends 3 datagrams, then 30
+    more (past the 16 held); the gate opens: the first 16 are delivered in order, the rest were dropped
+    and counted (buffer). A target that never resolves drops what was held (unresolved)."""
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        asked = asyncio.Event()
+
+        async def lookup(name: str, *args: object, **kwargs: object) -> list[tuple[Any, ...]]:
+            asked.set()
+            await gate.wait()
+            if name != "dns.test":
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("127.0.0.1", 0))]
+
+        async with udp_peer(echo=True) as (_, target):
+            route = Route("dns", (HostPort("127.0.0.1", 0),), "dns.test", target, "udp")
+            server = Server(Config(routes=(route,), metrics=None, drain_timeout=1.0), lookup=lookup)
+            await server.start()
+            try:
+                stats = server.udp.stats["dns"]
+                async with udp_peer(remote=("127.0.0.1", udp_port(server))) as (client, _):
+                    for n in range(33):
+                        client.send(b"%02d" % n)
+                    await asyncio.wait_for(asked.wait(), 5)
+                    await wait_until(lambda: stats.dropped["buffer"] == 33 - EARLY_DATAGRAMS)
+                    gate.set()
+                    got = [await client.reply() for _ in range(EARLY_DATAGRAMS)]
+                    assert got == [b"%02d" % n for n in range(EARLY_DATAGRAMS)]
+            finally:
+                await server.drain()
+            route = Route("none", (HostPort("127.0.0.1", 0),), "none.test", target, "udp")
+            server = Server(Config(routes=(route,), metrics=None, drain_timeout=1.0), lookup=lookup)
+            await server.start()
+            try:
+                async with udp_peer(remote=("127.0.0.1", udp_port(server))) as (client, _):
+                    for _ in range(3):
+                        client.send(b"lost")
+                    await wait_until(lambda: server.udp.stats["none"].dropped["unresolved"] == 3)
+                    assert server.udp.sessions == 0 and client.received.empty()
+            finally:
+                await server.drain()
 
     run(scenario())
 
