@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions (default 4; smoke 1)")
     p.add_argument("--seconds", type=float, help="length of each measurement (default 2; smoke 1)")
     p.add_argument("--subjects", default="relay,socat,haproxy,direct", help="comma list")
-    p.add_argument("--workloads", help="comma list (default all; smoke throughput_up,rtt,conns)")
+    p.add_argument(
+        "--workloads",
+        help="comma list (default all; smoke throughput_up,rtt,conns); none: UDP workloads only",
+    )
     p.add_argument("--memory-connections", type=int, help="held connections (default 5000; smoke 100)")
     p.add_argument("--no-netns", action="store_true", help="skip the namespace + veth topology")
     p.add_argument(
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         s = SUBJECTS[n]
         subs.append(dataclasses.replace(s, python=args.python))
-    workloads = [w for w in args.workloads.split(",") if w]
+    workloads = [w for w in args.workloads.split(",") if w and w != "none"]  # none: UDP only
     started = time.time()
     out_dir = REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             args.udp_subjects = [s.name for s in udp_subs]
             print(f"bench: UDP, {len(udp_subs)} subjects, {len(udp_workloads)} workloads", file=sys.stderr)
             udp.run_interleaved(udp_subs, udp_workloads, args.reps, args.seconds, workdir, log)
-        relaying = [s for s in subs if s.relays]
+        relaying = [s for s in subs if s.relays] if workloads else []
         for s in relaying:
             log(harness.measure_startup(s, workdir, 2 if args.smoke else 7))
         for s in relaying:
