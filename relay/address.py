@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass
 
-PORTS_FORM = "expected P, LO-HI, L:T, LLO-LHI:T or LLO-LHI:TLO-THI, each optionally /udp or /tcp"
+PORTS_FORM = (
+    "expected P, LO-HI, L:T, LLO-LHI:T or LLO-LHI:TLO-THI, each optionally /udp or /tcp; "
+    "L:unix:PATH (to a socket file) or unix:PATH:T (listen on one)"
+)
+UNIX = "unix:"
+UNIX_FORM = "expected unix:/ABSOLUTE/PATH of a socket file (at most 107 bytes)"
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its final NUL
+DEFAULT_MODE = 0o660
 PROTOCOLS = ("tcp", "udp")
 HOSTPORT_FORM = "expected HOST:PORT, IP:PORT or [IPv6]:PORT"
 DURATION_FORM = "expected a duration like 250ms, 5s, 1m, 1h or plain seconds"
@@ -23,11 +31,36 @@ class AddressError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class PortMap:
-    """One listen port forwarded to one target port, over TCP or UDP."""
+class UnixAddress:
+    """A socket file: where a route listens (the file made with `mode`) or what it connects to.
 
-    listen: int
-    target: int
+    Shaped like HostPort where routes compare endpoints (config checks, metrics labels, /readyz): `host`
+    is the `unix:PATH` text and `port` is 0. So a socket file is one more endpoint of a route, not a
+    route type of its own; only binding (listener.py) and connecting (upstream.py) tell them apart.
+    """
+
+    path: str
+    mode: int = DEFAULT_MODE
+
+    @property
+    def host(self) -> str:
+        return UNIX + self.path
+
+    @property
+    def port(self) -> int:
+        return 0
+
+    def __str__(self) -> str:
+        return self.host
+
+
+@dataclass(frozen=True, slots=True)
+class PortMap:
+    """One listen port forwarded to one target port, over TCP or UDP; either end may be a socket file
+    (a stream, so TCP)."""
+
+    listen: int | UnixAddress
+    target: int | UnixAddress
     protocol: str = "tcp"
 
 
@@ -43,6 +76,11 @@ class HostPort:
 def format_hostport(host: str, port: int) -> str:
     """`127.0.0.1:80`, `[::1]:80`, `name:80`."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_target(host: str, port: int) -> str:
+    """`host:port` as format_hostport writes it, or a socket file's `unix:PATH` (which has no port)."""
+    return host if is_unix(host) else format_hostport(host, port)
 
 
 def whole_number(text: str, limit: int) -> int | None:
@@ -82,8 +120,58 @@ def _parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def is_unix(text: str) -> bool:
+    """Whether a listen or target text names a socket file (`unix:PATH`, any case)."""
+    return text[: len(UNIX)].lower() == UNIX
+
+
+def parse_unix(text: str) -> str:
+    """The path of `unix:/PATH`: absolute (a sidecar's working directory means nothing to its user),
+    short enough for sun_path, one line, and not a directory's name."""
+    path = text[len(UNIX) :] if is_unix(text) else text
+    if not path.startswith("/"):
+        raise AddressError(f"{text!r} is not an absolute socket file path; {UNIX_FORM}")
+    if path.endswith("/"):
+        raise AddressError(f"{text!r} names a directory, not a socket file; {UNIX_FORM}")
+    if not path.isprintable():
+        raise AddressError(
+            f"{text!r} is not a socket file path (a line break or control character); {UNIX_FORM}"
+        )
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeError:
+        raise AddressError(f"{text!r} is not a socket file path (not encodable); {UNIX_FORM}") from None
+    if size > UNIX_PATH_MAX:
+        raise AddressError(f"{text!r} is too long for a socket file ({size} bytes); {UNIX_FORM}")
+    return path
+
+
+def _unix_item(item: str) -> PortMap | None:
+    """`L:unix:PATH` (connect to a socket file) or `unix:PATH:T` (listen on one; the last colon splits);
+    None for any other item. Checked before the /udp suffix: a path may contain a slash."""
+    if is_unix(item):
+        path, colon, port = item[len(UNIX) :].rpartition(":")
+        if not colon:
+            raise AddressError(f"{item!r} has no target port; expected unix:PATH:TARGET_PORT")
+        try:
+            return PortMap(UnixAddress(parse_unix(path)), parse_port(port, "expected unix:PATH:TARGET_PORT"))
+        except AddressError as err:
+            raise AddressError(f"{item!r}: {err}") from None
+    listen, colon, rest = item.partition(":")
+    if not (colon and is_unix(rest)):
+        return None
+    try:
+        return PortMap(parse_port(listen, "expected LISTEN_PORT:unix:PATH"), UnixAddress(parse_unix(rest)))
+    except AddressError as err:
+        raise AddressError(f"{item!r}: {err}") from None
+
+
 def parse_port_item(item: str) -> list[PortMap]:
-    """One item of a port list: `P`, `LO-HI`, `L:T`, `LLO-LHI:T`, `LLO-LHI:TLO-THI`, then /udp or /tcp."""
+    """One item of a port list: `P`, `LO-HI`, `L:T`, `LLO-LHI:T`, `LLO-LHI:TLO-THI`, then /udp or /tcp;
+    or a socket file at one end: `L:unix:PATH`, `unix:PATH:T`."""
+    unix = _unix_item(item)
+    if unix is not None:
+        return [unix]
     body, slash, proto = item.partition("/")
     protocol = proto.lower() if slash else "tcp"
     if protocol not in PROTOCOLS:
@@ -113,7 +201,7 @@ def parse_ports(text: str) -> tuple[PortMap, ...]:
     """A docker-host style list: items split on commas and/or whitespace; each listen port once per
     protocol (`53 53/udp` is DNS over both)."""
     maps: list[PortMap] = []
-    seen: dict[tuple[int, str], str] = {}
+    seen: dict[tuple[int | UnixAddress, str], str] = {}
     items = [i for i in re.split(r"[\s,]+", text.strip()) if i]
     if not items:
         raise AddressError(f"{text!r} lists no ports; {PORTS_FORM}")
@@ -121,7 +209,7 @@ def parse_ports(text: str) -> tuple[PortMap, ...]:
         for pm in parse_port_item(item):
             key = (pm.listen, pm.protocol)
             if key in seen:
-                shown = pm.listen if pm.protocol == "tcp" else f"{pm.listen}/{pm.protocol}"
+                shown = str(pm.listen) if pm.protocol == "tcp" else f"{pm.listen}/{pm.protocol}"
                 raise AddressError(
                     f"listen port {shown} appears twice ({seen[key]!r} and {item!r}); "
                     "each listen port may be used once per protocol"

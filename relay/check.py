@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from relay import hints
-from relay.address import format_hostport
+from relay.address import format_target
 from relay.config import AUTO, Config, Route, lands_on
-from relay.upstream import Resolution, ResolveError, Resolver, classify, open_connection
+from relay.upstream import Resolution, ResolveError, Resolver, classify, target_for
 
 PROBE_TIMEOUT = 2.0
 UDP_WAIT = 0.5  # how long an ICMP port unreachable (or a reply) to the empty datagram is waited for
@@ -22,7 +22,9 @@ SLIRP_GATEWAY = "10.0.2.2"
 
 CAUSES = {
     "refused": "nothing accepts connections there: is the host service running, and listening on 0.0.0.0 "
-    "or the docker0 address rather than 127.0.0.1?",
+    "or the docker0 address rather than 127.0.0.1? If it listens only on 127.0.0.1 and has a socket file "
+    "(PostgreSQL, MySQL, Redis ...), mount its directory into the relay and forward to the socket: "
+    "RELAY_PORTS=5432:unix:/host/postgresql/.s.PGSQL.5432 (compose-examples/host-socket)",
     "timeout": "no answer: a host firewall (ufw, firewalld) dropping traffic from containers, or a wrong "
     "address; allow the Docker bridge (e.g. `ufw allow in on docker0`)",
     "unresolved": 'the name does not resolve: add extra_hosts: ["host.docker.internal:host-gateway"] to the '
@@ -37,7 +39,11 @@ WILDCARDS = {"0.0.0.0": False, "::": True}  # wildcard listen address -> is IPv6
 
 
 def _cause(reason: str, target: str, addresses: tuple[str, ...]) -> str:
-    """The table's cause / fix: the hint for what this target is (local, an explicit name, auto)."""
+    """The table's cause / fix: the hint for what this target is (local, an explicit name, auto, a socket
+    file)."""
+    socket_file = hints.for_socket(reason, target) if target.startswith("unix:") else None
+    if socket_file is not None:
+        return socket_file
     if reason == "refused" and addresses and all(hints.is_local(a) for a in addresses):
         return hints.refused(addresses)
     if reason == "unresolved" and target.lower() not in hints.AUTO_NAMES:
@@ -91,11 +97,11 @@ def _rootless_hint(resolutions: list[Resolution]) -> str | None:
 
 
 async def _probe(
-    loop: asyncio.AbstractEventLoop, addresses: tuple[str, ...], port: int, timeout: float
+    loop: asyncio.AbstractEventLoop, target: Resolver, addresses: tuple[str, ...], port: int, timeout: float
 ) -> float:
     started = time.perf_counter()
     async with asyncio.timeout(timeout):
-        transport = await open_connection(loop, asyncio.Protocol, addresses, port)
+        transport = await target.open(loop, asyncio.Protocol, addresses, port)
     transport.close()
     return (time.perf_counter() - started) * 1000
 
@@ -128,10 +134,13 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
         print(f"  {route.name:<14} {route.describe()}", file=out)
 
     resolutions: dict[str, Resolution | ResolveError] = {}
+    targets = {
+        target: target_for(target, config.family) for target in dict.fromkeys(r.target for r in config.routes)
+    }
     print("targets:", file=out)
-    for target in dict.fromkeys(r.target for r in config.routes):
+    for target in targets:
         try:
-            resolution: Resolution | ResolveError = await Resolver(target, config.family).resolve()
+            resolution: Resolution | ResolveError = await targets[target].resolve()
         except ResolveError as err:
             resolution = err
         resolutions[target] = resolution
@@ -150,14 +159,14 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
             probes.append(
                 Probe(
                     route.name,
-                    format_hostport(route.target, route.target_port),
+                    format_target(route.target, route.target_port),
                     "unresolved",
                     None,
                     _cause("unresolved", route.target, ()),
                 )
             )
             continue
-        shown = format_hostport(resolution.addresses[0], route.target_port)
+        shown = format_target(resolution.addresses[0], route.target_port)
         itself = _reaches_relay(config, route, resolution.addresses)
         if itself:
             probes.append(Probe(route.name, shown, "loop", None, _cause("loop", route.target, itself)))
@@ -170,7 +179,9 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
             probes.append(Probe(route.name, shown + " udp", status, millis, cause))
             continue
         try:
-            millis = await _probe(loop, resolution.addresses, route.target_port, timeout)
+            millis = await _probe(
+                loop, targets[route.target], resolution.addresses, route.target_port, timeout
+            )
         except Exception as exc:
             reason = classify(exc)
             detail = (

@@ -17,17 +17,22 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from relay.address import (
+    DEFAULT_MODE,
     DURATION_FORM,
+    UNIX,
     AddressError,
     HostPort,
     PortMap,
+    UnixAddress,
     check_host,
-    format_hostport,
+    format_target,
+    is_unix,
     parse_duration,
     parse_hostport,
     parse_ip,
     parse_port,
     parse_ports,
+    parse_unix,
     whole_number,
 )
 
@@ -47,10 +52,11 @@ class ConfigError(Exception):
 @dataclass(frozen=True, slots=True)
 class Route:
     """Every listen address forwards to target:target_port. `target` may be `auto`. `protocol` is tcp or
-    udp (relay/udp.py); the same port number may carry one route of each."""
+    udp (relay/udp.py); the same port number may carry one route of each. A socket file is a listen
+    address (UnixAddress) or a target (`unix:PATH`, target_port 0) of a TCP route."""
 
     name: str
-    listen: tuple[HostPort, ...]
+    listen: tuple[HostPort | UnixAddress, ...]
     target: str
     target_port: int
     protocol: str = "tcp"
@@ -58,7 +64,7 @@ class Route:
     def describe(self) -> str:
         listen = ", ".join(str(hp) for hp in self.listen)
         udp = " (udp)" if self.protocol == "udp" else ""
-        return f"{listen} -> {format_hostport(self.target, self.target_port)}{udp}"
+        return f"{listen} -> {format_target(self.target, self.target_port)}{udp}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +297,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 FILE_KEYS = (*OPTION_BY_KEY, "routes")
-ROUTE_KEYS = ("name", "listen", "target", "protocol")
+ROUTE_KEYS = ("name", "listen", "target", "protocol", "mode")
 ENV_NAMES = {o.env for o in OPTIONS} | {"RELAY_CONFIG"}
 
 
@@ -413,8 +419,9 @@ def _entry_lines(path: str, key: str, node: object) -> tuple[tuple[str, dict[str
 @functools.cache
 def _yaml_loader() -> Any:
     """SafeLoader, except that YAML 1.1's base-60 numbers stay text: `ports: 22:22` means the map 22 -> 22,
-    not port 1342 (22 * 60 + 22), and `listen: 1:30` is not port 90. So do dates (no setting is one;
-    `2001-13-01` raised a bare ValueError) and numbers too long to be any setting (int() refuses more
+    not port 1342 (22 * 60 + 22), and `listen: 1:30` is not port 90. So do its octal ones: `mode: 0660`
+    reaches the mode converter as written, and `ports: 0080` is port 80, not 64. So do dates (no setting
+    is one; `2001-13-01` raised a bare ValueError) and numbers too long to be any setting (int() refuses more
     than 4300 digits, str() a longer hex number): the converters then quote the text as written."""
     import yaml
 
@@ -422,7 +429,10 @@ def _yaml_loader() -> Any:
         def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
             tag = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
             number = tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
-            if (number and (":" in value or len(value) > 40)) or tag == "tag:yaml.org,2002:timestamp":
+            octal = tag == "tag:yaml.org,2002:int" and value[:1] == "0" and value[1:].isdigit()
+            if (
+                number and (":" in value or len(value) > 40 or octal)
+            ) or tag == "tag:yaml.org,2002:timestamp":
                 return "tag:yaml.org,2002:str"
             return tag
 
@@ -459,16 +469,7 @@ def build(
             raise ConfigError(f"{item.source}: {err}") from None
     ports: tuple[PortMap, ...] = values.pop("ports", ())
     base = Config(**values, config_file=config_file, warnings=warnings)
-    routes = [
-        Route(
-            f"{pm.protocol}/{pm.listen}",
-            tuple(HostPort(ip, pm.listen) for ip in base.listen),
-            base.target,
-            pm.target,
-            pm.protocol,
-        )
-        for pm in ports
-    ]
+    routes = [_port_route(pm, base) for pm in ports]
     sources = [raw["ports"].source] * len(routes) if routes else []
     if "routes" in raw:
         explicit = _routes(raw["routes"], base)
@@ -488,6 +489,32 @@ def build(
         warnings=warnings,
         metrics_explicit="metrics" in raw,
     )
+
+
+def _port_route(pm: PortMap, base: Config) -> Route:
+    """The route of one port-list item: on the listen addresses (or the socket file) to the target."""
+    listen: tuple[HostPort | UnixAddress, ...]
+    if isinstance(pm.listen, UnixAddress):
+        name, listen = "unix" + pm.listen.path, (pm.listen,)
+    else:
+        name = f"{pm.protocol}/{pm.listen}"
+        listen = tuple(HostPort(ip, pm.listen) for ip in base.listen)
+    if isinstance(pm.target, UnixAddress):
+        return Route(name, listen, pm.target.host, 0, pm.protocol)
+    return Route(name, listen, base.target, pm.target, pm.protocol)
+
+
+def _mode(value: object) -> int:
+    """A socket file's permission bits, in octal as chmod takes them: 660, 0660, 0o660 or "0666". A YAML
+    number is read by its digits (`mode: 666` is 0o666, not 666 in decimal); YAML's own octal (`0660`)
+    stays text (_yaml_loader)."""
+    text = _text(value).strip().lower()
+    digits = text[2:] if text.startswith("0o") else text
+    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits) or int(digits, 8) > 0o777:
+        raise AddressError(
+            f"{value!r} is not a file mode; expected octal permission bits such as 0660 or 0666"
+        )
+    return int(digits, 8)
 
 
 def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
@@ -510,50 +537,79 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
             if key not in entry:
                 raise ConfigError(f"{where}: missing {key!r}")
         try:
-            listen = _route_listen(entry["listen"], base.listen)
+            mode = _mode(entry["mode"]) if "mode" in entry else DEFAULT_MODE
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('mode', where)}: {err}") from None
+        try:
+            listen = _route_listen(entry["listen"], base.listen, mode)
         except AddressError as err:
             raise ConfigError(f"{keys.get('listen', where)}: {err}") from None
+        if "mode" in entry and not any(isinstance(hp, UnixAddress) for hp in listen):
+            raise ConfigError(
+                f"{keys.get('mode', where)}: mode applies to a socket file listener only; "
+                "expected listen: unix:/PATH with it"
+            )
         try:
-            target = parse_hostport(_text(entry["target"]), default_port=listen[0].port)
-            target_host = _target(target.host)
+            target_host, target_port = _route_target(entry["target"], listen[0].port)
         except AddressError as err:
             raise ConfigError(f"{keys.get('target', where)}: {err}") from None
         try:
             protocol = _choice("tcp", "udp")(entry.get("protocol", "tcp"))
+            if protocol == "udp" and (is_unix(target_host) or not all(hp.port for hp in listen)):
+                raise AddressError(f"{entry.get('protocol')!r}: a socket file carries a stream; expected tcp")
         except AddressError as err:
             raise ConfigError(f"{keys.get('protocol', where)}: {err}") from None
         try:
-            name = _route_name(entry.get("name"), listen[0].port, protocol)
+            first = listen[0]
+            default = "unix" + first.path if isinstance(first, UnixAddress) else f"{protocol}/{first.port}"
+            name = _route_name(entry.get("name"), default)
         except AddressError as err:
             raise ConfigError(f"{keys.get('name', where)}: {err}") from None
-        routes.append((Route(name, listen, target_host, target.port, protocol), where))
+        routes.append((Route(name, listen, target_host, target_port, protocol), where))
     return routes
 
 
-def _route_name(value: object, port: int, protocol: str = "tcp") -> str:
+def _route_target(value: object, listen_port: int) -> tuple[str, int]:
+    """`unix:/PATH` (port 0), or HOST:PORT where PORT defaults to the listen port (a socket file
+    listener has none to lend)."""
+    text = _text(value).strip()
+    if is_unix(text):
+        return UNIX + parse_unix(text), 0
+    target = parse_hostport(text, default_port=listen_port or None)
+    return _target(target.host), target.port
+
+
+def _route_name(value: object, default: str) -> str:
     """A label in log lines and metrics: one line of text (str() let a list or a line break through)."""
     if value is None or value == "":
-        return f"{protocol}/{port}"
+        return default
     text = _text(value).strip()
     if not text or not text.isprintable():
         raise AddressError(f"{value!r} is not a route name; expected one line of text such as 'cache'")
     return text
 
 
-def _route_listen(value: object, default_ips: tuple[str, ...]) -> tuple[HostPort, ...]:
-    """`6000` (default addresses), `127.0.0.1:6000`, `[::1]:6000`, or a list of those."""
+def _route_listen(
+    value: object, default_ips: tuple[str, ...], mode: int = DEFAULT_MODE
+) -> tuple[HostPort | UnixAddress, ...]:
+    """`6000` (default addresses), `127.0.0.1:6000`, `[::1]:6000`, `unix:/PATH` (made with `mode`), or a
+    list of those."""
     items = value if isinstance(value, list) else [value]
-    result: list[HostPort] = []
+    result: list[HostPort | UnixAddress] = []
     for item in items:
         text = _text(item).strip()
-        if text.isdigit():
+        if is_unix(text):
+            result.append(UnixAddress(parse_unix(text), mode))
+        elif text.isdigit():
             port = parse_port(text, "expected PORT, IP:PORT or [IPv6]:PORT")
             result.extend(HostPort(ip, port) for ip in default_ips)
         else:
             hp = parse_hostport(text)
             result.append(HostPort(parse_ip(hp.host, "expected PORT, IP:PORT or [IPv6]:PORT"), hp.port))
     if not result:
-        raise AddressError(f"{value!r} lists no listen address; expected PORT, IP:PORT or [IPv6]:PORT")
+        raise AddressError(
+            f"{value!r} lists no listen address; expected PORT, IP:PORT, [IPv6]:PORT or unix:/PATH"
+        )
     return tuple(result)
 
 
@@ -568,12 +624,17 @@ def _check_unique(routes: list[Route], sources: list[str]) -> None:
     """No two routes may listen on the same port of overlapping addresses (0.0.0.0 covers all IPv4).
 
     Compared within a port only: all pairs took minutes for PORTS=1-65535 (docker-host's default)."""
-    seen: dict[tuple[int, str], list[tuple[HostPort, str]]] = {}  # TCP and UDP ports are apart
+    seen: dict[tuple[int, str], list[tuple[HostPort | UnixAddress, str]]] = {}  # TCP and UDP ports are apart
     for route, source in zip(routes, sources, strict=True):
         for hp in route.listen:
             for other_hp, other_source in seen.get((hp.port, route.protocol), ()):
                 if _overlaps(hp.host, other_hp.host):
                     first = "" if other_source == source else f" ({other_source} already listens there)"
+                    if isinstance(hp, UnixAddress):
+                        raise ConfigError(
+                            f"{source}: socket file {hp.path} is used twice{first}; "
+                            "each socket file may be listened on once"
+                        )
                     raise ConfigError(
                         f"{source}: listen port {hp.port} on {hp} is used twice{first}; "
                         "each listen port may be used once"
@@ -597,7 +658,7 @@ def _check_names(routes: list[Route], sources: list[str]) -> None:
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
-def lands_on(address: str, port: int, listen: HostPort) -> bool:
+def lands_on(address: str, port: int, listen: HostPort | UnixAddress) -> bool:
     """Whether connecting to address:port (an IP, or a loopback name) reaches the listen socket `listen`.
 
     Only what is known without asking the kernel: the same address, a wildcard listener reached over
@@ -606,6 +667,8 @@ def lands_on(address: str, port: int, listen: HostPort) -> bool:
     """
     if port != listen.port:
         return False
+    if isinstance(listen, UnixAddress) or is_unix(address):  # a socket file is reached by its path only
+        return address == listen.host
     if address.lower() in LOOPBACK_NAMES:
         return lands_on("127.0.0.1", port, listen) or lands_on("::1", port, listen)
     try:
@@ -626,7 +689,9 @@ def lands_on(address: str, port: int, listen: HostPort) -> bool:
 def _check_not_itself(routes: list[Route], sources: list[str]) -> None:
     """A route whose target is one of the relay's own listen sockets would forward each connection back
     into the relay, which forwards it again, until max_connections is exhausted."""
-    by_port: dict[tuple[int, str], list[tuple[Route, HostPort]]] = {}  # all pairs took minutes for 1-65535
+    by_port: dict[
+        tuple[int, str], list[tuple[Route, HostPort | UnixAddress]]
+    ] = {}  # all pairs took minutes for 1-65535
     for other in routes:
         for hp in other.listen:
             by_port.setdefault((hp.port, other.protocol), []).append((other, hp))
@@ -634,7 +699,7 @@ def _check_not_itself(routes: list[Route], sources: list[str]) -> None:
         for other, hp in by_port.get((route.target_port, route.protocol), ()):
             if lands_on(route.target, route.target_port, hp):
                 whose = "its own" if other is route else f"route {other.name}'s"
-                target = format_hostport(route.target, route.target_port)
+                target = format_target(route.target, route.target_port)
                 raise ConfigError(
                     f"{source}: route {route.name} forwards to {target}, which is {whose} listen address "
                     f"{hp}: every connection would come back into the relay in a loop; expected a target "

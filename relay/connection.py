@@ -20,12 +20,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from relay import hints
-from relay.address import HostPort, format_hostport
+from relay.address import HostPort, UnixAddress, format_hostport, format_target
 from relay.config import Config, Route
 from relay.logs import RateLimited
 from relay.pump import Side, reset, set_socket_options
 from relay.stats import RouteStats
-from relay.upstream import ResolveError, Resolver, backoff_delays, classify, open_connection
+from relay.upstream import ResolveError, Resolver, backoff_delays, classify
 
 log = logging.getLogger("relay")
 
@@ -58,9 +58,10 @@ class SelfLoop(ConnectionError):
     """The target turned out to be the relay itself (say, a name that now resolves to this host)."""
 
 
-def own_addresses(bound: Iterable[HostPort]) -> set[tuple[str, int]]:
+def own_addresses(bound: Iterable[HostPort | UnixAddress]) -> set[tuple[str, int]]:
     """Listen addresses as (ip, port), plus the loopback address that reaches a wildcard listener.
-    ("0.0.0.0", port) in the set also marks a wildcard listener for `Connection._loops_back`."""
+    ("0.0.0.0", port) in the set also marks a wildcard listener for `Connection._loops_back`. A socket
+    file is ("unix:PATH", 0), which is how a socket file target resolves (upstream.UnixTarget)."""
     own = set()
     for hp in bound:
         own.add((hp.host, hp.port))
@@ -180,8 +181,8 @@ class Connection:
             port = self.ctx.route.target_port
             own = self.ctx.shared.own
             if any((address, port) in own for address in resolution.addresses):
-                raise SelfLoop(f"{format_hostport(resolution.addresses[0], port)} is the relay's own")
-            await open_connection(loop, self._target_side, resolution.addresses, port)
+                raise SelfLoop(f"{format_target(resolution.addresses[0], port)} is the relay's own")
+            await self.ctx.resolver.open(loop, self._target_side, resolution.addresses, port)
         except BaseException as exc:
             self._write_off_target()
             if not isinstance(exc, asyncio.CancelledError) or not self._timed_out:
@@ -225,7 +226,7 @@ class Connection:
         resolved = ctx.resolver.last
         addresses = resolved.addresses if resolved is not None else ()
         name = resolved.name if resolved is not None else route.target
-        where = format_hostport(name, route.target_port)
+        where = format_target(name, route.target_port)
         if addresses and addresses != (name,):
             where += f" ({', '.join(addresses)})"
         hint = hints.for_failure(reason, route.target, addresses)
@@ -271,8 +272,8 @@ class Connection:
         tell): refuse, and remember the address so the next attempts are refused before they connect
         (which is what ends the chain of connections the relay made to itself meanwhile)."""
         peer = transport.get_extra_info("peername")
-        if not peer:
-            return False  # already gone: the pair ends through connection_lost
+        if not isinstance(peer, tuple):
+            return False  # already gone (the pair ends through connection_lost), or a socket file's path
         host, port = peer[:2]
         if (host, port) not in own:
             if (("::" if ":" in host else "0.0.0.0"), port) not in own:

@@ -15,7 +15,11 @@ import socket
 
 AUTO_NAMES = frozenset({"auto", "host.docker.internal", "host.containers.internal"})
 
-REFUSED_HOST = "is the host service listening on 0.0.0.0 / the docker0 address rather than 127.0.0.1?"
+REFUSED_HOST = (
+    "is the host service listening on 0.0.0.0 / the docker0 address rather than 127.0.0.1? If it listens "
+    "only on 127.0.0.1 and has a socket file (PostgreSQL, MySQL, Redis ...), mount the socket's directory "
+    "into the relay and forward to it instead: RELAY_PORTS=5432:unix:/host/postgresql/.s.PGSQL.5432"
+)
 REFUSED_LOCAL = (
     "{address} is an address of the relay's own network namespace (the app container), not of the Docker "
     "host, and nothing listens there; to reach a service on the host, set the target to auto (the default) "
@@ -50,6 +54,31 @@ def is_local(address: str) -> bool:
     return True
 
 
+# A socket file as the target (unix:PATH). The relay runs as uid 10001 (the image's USER).
+SOCKET_MISSING = (
+    "no socket file at {path}: mount the host's socket directory into the relay, e.g. "
+    'volumes: ["/var/run/postgresql:/host/postgresql:ro"] (read-only is enough to connect), and check '
+    "that the host service is running and makes its socket there"
+)
+SOCKET_DENIED = (
+    "permission denied on {path}: the relay runs as uid 10001; connecting needs write permission on the "
+    "socket file (and search permission on its directories). Run the relay as the socket's owner "
+    '(user: "999:999" on the relay service) or add the owning group (group_add: ["999"], the number '
+    "from `stat -c %g {path}` on the host)"
+)
+SOCKET_REFUSED = (
+    "{path} exists but nothing accepts connections on it: a stale socket file, the host service is down "
+    "(or restarting); start it, and the relay connects again on the next connection"
+)
+
+
+def for_socket(reason: str, target: str) -> str | None:
+    """The hint for a failed connect to a socket file target (`unix:PATH`)."""
+    path = target.partition(":")[2]
+    text = {"missing": SOCKET_MISSING, "denied": SOCKET_DENIED, "refused": SOCKET_REFUSED}.get(reason)
+    return text.format(path=path) if text is not None else None
+
+
 def refused(addresses: tuple[str, ...]) -> str:
     local = [a for a in addresses if is_local(a)]
     if addresses and len(local) == len(addresses):
@@ -64,7 +93,10 @@ def unresolved(target: str) -> str:
 
 
 def for_failure(reason: str, target: str, addresses: tuple[str, ...] = ()) -> str | None:
-    """The hint for a connect that failed for `reason` (refused, timeout, unresolved, loop, other)."""
+    """The hint for a connect that failed for `reason` (refused, timeout, unresolved, loop, missing,
+    denied, other)."""
+    if target.startswith("unix:") and reason != "loop":
+        return for_socket(reason, target)
     if reason == "refused":
         return refused(addresses)
     if reason == "timeout":

@@ -13,6 +13,13 @@ Rules of the accept loop (ours, not the event loop's):
 3. Every accepted socket ends up either handed to the loop as a transport (the connection then owns
    it) or closed here. The tasks that hand sockets over are tracked; they end within a loop turn or two
    and are not cancelled (a cancelled hand-over would orphan its socket).
+
+Socket files (a UnixAddress in a route's listen addresses) use the same Listener and accept loop:
+4. The file is made with the asked mode (the umask is set for the bind, so it never exists with other
+   permissions). A socket file nobody listens on (left by a killed run: connecting is refused) is
+   replaced; anything else at the path (a regular file, a directory, a link, a live socket) is never
+   removed: ListenError.
+5. Closing the listener removes the file, if it is still the one this listener made.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import errno
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from relay.address import HostPort
+from relay.address import HostPort, UnixAddress
 from relay.config import Route
 from relay.pump import LINGER_RST
 
@@ -35,6 +43,11 @@ NO_IPV6 = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BATCH = 64
 RETRY_SECONDS = 0.1  # pause accepting this long when even the reserve descriptor is gone
+FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISREG, "a regular file"),
+)
 
 
 class ListenError(Exception):
@@ -71,7 +84,7 @@ class Reserve:
 @dataclass(slots=True, eq=False)
 class Listener:
     route: Route
-    address: HostPort  # as bound: the real port when 0 was asked for
+    address: HostPort | UnixAddress  # as bound: the real port when 0 was asked for
     sock: socket.socket
     factory: Callable[[], asyncio.BaseProtocol]
     on_fd_limit: Callable[[OSError], None]
@@ -80,6 +93,7 @@ class Listener:
     _handing: set[asyncio.Task[None]] = field(default_factory=set)
     _retry: asyncio.TimerHandle | None = None
     closed: bool = False
+    socket_file: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) of the file bound (rule 5)
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._accept)
@@ -93,6 +107,8 @@ class Listener:
         else:
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        if self.socket_file is not None:
+            remove_socket_file(*self.socket_file)
 
     def _accept(self) -> None:
         loop, factory = self.loop, self.factory
@@ -189,6 +205,12 @@ def open_route(
     chosen_port = 0
     try:
         for want in route.listen:
+            if isinstance(want, UnixAddress):
+                sock, socket_file = bind_unix(route, want, backlog=backlog)
+                listener = Listener(route, want, sock, factory, on_fd_limit, reserve, socket_file=socket_file)
+                listener.start()
+                listeners.append(listener)
+                continue
             port = want.port or chosen_port
             try:
                 sock = bind(want.host, port, backlog=backlog, reuseport=reuseport)
@@ -212,6 +234,98 @@ def open_route(
     if not listeners:
         raise ListenError(f"{route.name}: no address to listen on ({route.describe()})")
     return listeners
+
+
+def bind_unix(
+    route: Route, address: UnixAddress, *, backlog: int
+) -> tuple[socket.socket, tuple[str, int, int]]:
+    """Listen on a socket file made with `address.mode` (rule 4); returns the socket and the file's
+    identity for its removal (rule 5)."""
+    path = address.path
+    where = f"cannot listen on {address} for {route.name}"
+    _clear_stale(path, where, route.name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        umask = os.umask(0o777 & ~address.mode)  # the file is born with the asked mode: no chmod window
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(umask)
+        made = os.lstat(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        raise ListenError(f"{where}: {_unix_bind_error(err, path)}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (path, made.st_dev, made.st_ino)
+
+
+def _clear_stale(path: str, where: str, name: str) -> None:
+    """Remove a socket file nobody listens on; refuse anything else at the path (rule 4)."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise ListenError(f"{where}: {_unix_bind_error(err, path)}") from None
+    if not stat.S_ISSOCK(found.st_mode):
+        kind = next((what for test, what in FILE_KINDS if test(found.st_mode)), "not a socket")
+        raise ListenError(
+            f"{where}: {path} is {kind}, which the relay does not remove; expected a free path or a stale "
+            "socket file (remove it or choose another path)"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:  # a socket file nobody listens on: left by a killed run
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise ListenError(f"{where}: cannot remove the stale socket file: {err.strerror}") from None
+            log.info("%s: replaced the stale socket file %s (nothing listened on it)", name, path)
+            return
+        except BlockingIOError:
+            pass  # its backlog is full: someone listens
+        except OSError as err:
+            raise ListenError(f"{where}: cannot tell whether {path} is in use: {err.strerror}") from None
+    raise ListenError(
+        f"{where}: another process listens on {path}; expected a free path (stop that process or choose "
+        "another path)"
+    )
+
+
+def remove_socket_file(path: str, dev: int, ino: int) -> None:
+    """Remove the socket file this listener made, unless something else has taken its path since."""
+    try:
+        found = os.lstat(path)
+        if (found.st_dev, found.st_ino) == (dev, ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        log.warning("cannot remove the socket file %s: %s", path, err.strerror)
+
+
+def _unix_bind_error(err: OSError, path: str) -> str:
+    directory = os.path.dirname(path) or "/"
+    if err.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f"the directory {directory} does not exist (mount a volume there, shared with the app)"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"permission denied in {directory} (the relay runs as uid 10001: the directory must be writable "
+            "by it, e.g. a named volume or a host directory owned by 10001)"
+        )
+    if err.errno == errno.EROFS:
+        return f"{directory} is on a read-only file system (put the socket in a mounted volume)"
+    if err.errno == errno.EADDRINUSE:
+        return f"{path} appeared meanwhile (another process listens on it)"
+    return err.strerror or str(err)
 
 
 def bind_error(err: OSError) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 from relay import __version__, logs
-from relay.address import HostPort, format_hostport, is_loopback
+from relay.address import HostPort, format_hostport, format_target, is_loopback
 from relay.audit import FD_PROBLEM, Audit
 from relay.config import AUTO, Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared, own_addresses
@@ -38,7 +38,7 @@ from relay.listener import Listener, ListenError, Reserve, bind_error, open_rout
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
 from relay.udp import UdpHub, UdpListener, UdpRoute
-from relay.upstream import CHAIN, Lookup, Resolver
+from relay.upstream import CHAIN, Lookup, Resolver, target_for
 
 if TYPE_CHECKING:
     from relay.health import HealthServer
@@ -172,7 +172,11 @@ class Server:
         self.routes[route] = ActiveRoute(ctx, listeners)
         self.shared.own.update(own_addresses(lst.address for lst in listeners))
         log.info("%s: %s", route.name, _describe(route, listeners), extra={"route": route.name})
-        exposed = [str(lst.address) for lst in listeners if not is_loopback(lst.address.host)]
+        exposed = [
+            str(lst.address)
+            for lst in listeners
+            if isinstance(lst.address, HostPort) and not is_loopback(lst.address.host)
+        ]
         if exposed:
             log.info(
                 "%s: %s is reachable from outside this network namespace, as asked",
@@ -184,7 +188,7 @@ class Server:
     def _resolver(self, target: str) -> Resolver:
         key = (target, self.config.family)
         if key not in self.resolvers:
-            self.resolvers[key] = Resolver(
+            self.resolvers[key] = target_for(
                 target,
                 self.config.family,
                 lookup=self._lookup,
@@ -482,7 +486,7 @@ def _describe(route: Route, listeners: Sequence[Listener | UdpListener]) -> str:
     say `udp 127.0.0.1:53 ...`."""
     bound = ("udp " if route.protocol == "udp" else "") + ", ".join(str(lst.address) for lst in listeners)
     if route.target != AUTO:
-        return f"{bound} -> {format_hostport(route.target, route.target_port)}"
+        return f"{bound} -> {format_target(route.target, route.target_port)}"
     first, *rest = CHAIN
     fallbacks = "".join(f", else {name}" for name in rest)
     target = format_hostport(first, route.target_port)

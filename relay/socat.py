@@ -2,6 +2,8 @@
 
     relay [-d…] [-b N] [-t S] [-T S] [-4|-6] TCP-LISTEN:port[,opts] TCP:host:port[,opts]
     relay [-d…] [-T S] [-4|-6] UDP-LISTEN:port[,opts] UDP:host:port[,opts]     (also UDP-RECVFROM:port,fork)
+    relay [-d…] TCP-LISTEN:port[,opts] UNIX-CONNECT:/path                       (also UNIX-CLIENT)
+    relay [-d…] UNIX-LISTEN:/path[,fork][,mode=0666][,unlink-early] TCP:host:port[,opts]
 
 so that a compose file written for alpine/socat only swaps its image. Differences from socat, on purpose:
 a listener without bind= also listens on ::1 (clients whose localhost is ::1 connect too), and a
@@ -13,17 +15,27 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.address import AddressError, check_host, parse_duration, parse_ip, parse_port, whole_number
+from relay.address import (
+    UNIX,
+    AddressError,
+    check_host,
+    format_hostport,
+    parse_duration,
+    parse_ip,
+    parse_port,
+    parse_unix,
+    whole_number,
+)
 from relay.config import ConfigError, Raw
 
 SOURCE = "socat argument"
 LISTEN_FORM = (
     "expected TCP-LISTEN:PORT[,options] (also TCP-L, TCP4-LISTEN, TCP6-LISTEN) or UDP-LISTEN:PORT[,options] "
-    "(also UDP4-LISTEN, UDP6-LISTEN, UDP-RECVFROM:PORT,fork)"
+    "(also UDP4-LISTEN, UDP6-LISTEN, UDP-RECVFROM:PORT,fork) or UNIX-LISTEN:/PATH[,mode=0660]"
 )
 CONNECT_FORM = (
     "expected TCP:HOST:PORT[,options] (also TCP-CONNECT, TCP4, TCP6) or UDP:HOST:PORT "
-    "(also UDP-CONNECT, UDP4, UDP6, UDP-SENDTO)"
+    "(also UDP-CONNECT, UDP4, UDP6, UDP-SENDTO) or UNIX-CONNECT:/PATH (also UNIX-CLIENT)"
 )
 LISTEN_KEYWORDS = {
     "tcp-listen": "any",
@@ -56,6 +68,14 @@ CONNECT_KEYWORDS = {
     "udp4-sendto": "ipv4",
     "udp6-sendto": "ipv6",
 }
+# Socket files: a stream like TCP. UNIX-LISTEN is the first address, UNIX-CONNECT the second.
+UNIX_LISTEN = ("unix-listen", "unix-l")
+UNIX_CONNECT = ("unix-connect", "unix-client", "unix")
+UNIX_LISTEN_FORM = "expected UNIX-LISTEN:/PATH[,fork][,mode=0660][,unlink-early] (also UNIX-L)"
+UNIX_CONNECT_FORM = "expected UNIX-CONNECT:/PATH (also UNIX-CLIENT, UNIX)"
+# UNIX-LISTEN options without effect: the relay forks anyway, replaces a stale socket file (one nobody
+# listens on) itself and removes its file on a clean stop. unlink-early never removes a live socket.
+UNIX_HARMLESS = {"fork", "unlink-early", "unlink-close", "reuseaddr"}
 # Options that mean something for a TCP socket only; on a UDP address they are an error, not ignored.
 TCP_ONLY = {
     "backlog",
@@ -125,10 +145,74 @@ def parse(argv: list[str]) -> SocatArgs:
             f"{SOURCE}s {' '.join(addresses)!r}: expected exactly two addresses, "
             "TCP-LISTEN:PORT[,options] then TCP:HOST:PORT[,options]"
         )
-    _listen_address(addresses[0], raw)
-    _connect_address(addresses[1], raw)
-    _same_protocol(addresses, raw)
+    if _keyword(addresses[0]) in UNIX_LISTEN or _keyword(addresses[1]) in UNIX_CONNECT:
+        _unix_pair(addresses, raw)
+    else:
+        _listen_address(addresses[0], raw)
+        _connect_address(addresses[1], raw)
+        _same_protocol(addresses, raw)
     return SocatArgs(raw, debug, tuple(notes))
+
+
+def _keyword(address: str) -> str:
+    return _split(address)[0]
+
+
+def _unix_pair(addresses: list[str], raw: dict[str, Raw]) -> None:
+    """A socket file at one end or both: UNIX-LISTEN (a route of its own, for its mode) or TCP-LISTEN as
+    the first address, UNIX-CONNECT or TCP as the second."""
+    listen, connect = addresses
+    if _protocol(listen) == "udp" or _protocol(connect) == "udp":
+        raise ConfigError(
+            f"{SOURCE}s {' '.join(addresses)!r}: a socket file carries a stream, not datagrams; expected "
+            "UNIX-LISTEN:/PATH with TCP:HOST:PORT, or TCP-LISTEN:PORT with UNIX-CONNECT:/PATH"
+        )
+    if _keyword(connect) in UNIX_CONNECT:
+        target = _unix_path(connect, UNIX_CONNECT_FORM, set())
+    else:
+        raw["ports"] = Raw("1", SOURCE)  # _connect_address writes LISTEN:PORT; the listen side is a file
+        _connect_address(connect, raw)
+        port = str(raw.pop("ports").value).partition(":")[2]
+        target = format_hostport(str(raw.pop("target").value), int(port))
+    if _keyword(listen) not in UNIX_LISTEN:
+        _listen_address(listen, raw)
+        raw["ports"] = Raw(f"{raw['ports'].value}:{target}", raw["ports"].source)
+        return
+    where = f"{SOURCE} {listen!r}"
+    route = {"listen": _unix_path(listen, UNIX_LISTEN_FORM, UNIX_HARMLESS), "target": target}
+    for option in _split(listen)[2]:
+        name, _, value = option.partition("=")
+        name = name.lower()
+        if name == "mode":
+            route["mode"] = value
+        elif name == "backlog":
+            raw["backlog"] = Raw(value, where)
+        elif name == "max-children":
+            raw["max_connections"] = Raw(value, where)
+    raw["routes"] = Raw([route], where)
+
+
+def _unix_path(address: str, form: str, allowed: set[str]) -> str:
+    """`unix:/PATH` of a UNIX-LISTEN or UNIX-CONNECT address; its options checked against `allowed` (and
+    mode=, backlog=, max-children= for a listener)."""
+    where = f"{SOURCE} {address!r}"
+    keyword, params, options = _split(address)
+    if keyword not in (UNIX_LISTEN if allowed else UNIX_CONNECT):
+        expected = "a TCP or UDP listen" if allowed else "a TCP or UDP connect"
+        raise ConfigError(f"{where}: {keyword.upper()!r} is not {expected} address here; {form}")
+    try:
+        path = parse_unix(":".join(params))
+    except AddressError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    for option in options:
+        name = option.partition("=")[0].lower()
+        if name not in allowed and not (allowed and name in ("mode", "backlog", "max-children")):
+            supported = ", ".join(sorted(allowed | {"mode=", "backlog=", "max-children="})) if allowed else ""
+            raise ConfigError(
+                f"{where}: option {option!r} is not supported on {keyword.upper()}; "
+                + (f"supported: {supported}" if allowed else "expected no options")
+            )
+    return UNIX + path
 
 
 def _protocol(address: str) -> str:

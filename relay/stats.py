@@ -36,7 +36,7 @@ CLOSE_REASONS = (
     "limit",
     "fd_limit",
 )
-CONNECT_ERRORS = ("refused", "timeout", "unresolved", "loop", "other")
+CONNECT_ERRORS = ("refused", "timeout", "unresolved", "loop", "missing", "denied", "other")
 
 
 @dataclass(slots=True)

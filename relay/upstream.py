@@ -18,6 +18,8 @@ Rules of the Resolver (name resolution never sits on a connection's path):
    bound, not one per name.
 5. The first answer and each change of address are logged once; lookups are counted by name and result
    (ok, failed, timeout).
+6. A socket file (`unix:PATH`, UnixTarget) is its own answer like a literal, and connects by its path:
+   the target object knows how it is reached (`open`), so connections never ask which kind it is.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay import hints
+from relay.address import UNIX, is_unix
 from relay.config import AUTO, Family
 
 log = logging.getLogger("relay")
@@ -201,7 +204,17 @@ class Resolver:
 
     @property
     def is_literal(self) -> bool:
-        return self.last is not None and self.last.source == "literal"
+        return self.last is not None and self.last.source in ("literal", "unix")
+
+    async def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.BaseProtocol],
+        addresses: tuple[str, ...],
+        port: int,
+    ) -> asyncio.BaseTransport:
+        """Connect to one of `addresses` (from `resolve()`) on `port`."""
+        return await open_connection(loop, factory, addresses, port)
 
     # --- what connections use ---------------------------------------------------------------------------
 
@@ -386,6 +399,31 @@ class Resolver:
         return addresses
 
 
+class UnixTarget(Resolver):
+    """A socket file as the target: resolves to itself at once (rule 6) and connects by its path. Its one
+    "address" is the `unix:PATH` text, which is also how the relay's own socket listeners are known
+    (Shared.own), so the self-loop check before connecting works unchanged."""
+
+    def __init__(self, target: str, family: Family = "any", **kwargs: Any) -> None:
+        super().__init__(target, family, **kwargs)
+        self.last = Resolution(target, (target,), "unix", f"{target} (socket file)")
+
+    async def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: Callable[[], asyncio.BaseProtocol],
+        addresses: tuple[str, ...],
+        port: int,
+    ) -> asyncio.BaseTransport:
+        transport, _ = await loop.create_unix_connection(factory, addresses[0][len(UNIX) :])
+        return transport
+
+
+def target_for(target: str, family: Family = "any", **kwargs: Any) -> Resolver:
+    """The object that finds and reaches `target`: a socket file, or a name or address to resolve."""
+    return (UnixTarget if is_unix(target) else Resolver)(target, family, **kwargs)
+
+
 def backoff_delays(
     budget: float, first: float = 0.1, factor: float = 2.0, cap: float = 2.0
 ) -> Iterator[float]:
@@ -399,13 +437,18 @@ def backoff_delays(
 
 
 def classify(exc: BaseException) -> str:
-    """A connect failure as a metrics reason: refused, timeout, unresolved or other."""
+    """A connect failure as a metrics reason: refused, timeout, unresolved, missing (no socket file at
+    the path), denied (the socket file's permissions) or other."""
     if isinstance(exc, ResolveError):
         return "unresolved"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return "missing"
+    if isinstance(exc, PermissionError):
+        return "denied"
     if isinstance(exc, OSError) and exc.errno in (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "timeout"
     return "other"

@@ -39,6 +39,7 @@ from relay.address import (
     AddressError,
     HostPort,
     PortMap,
+    UnixAddress,
     check_host,
     format_hostport,
     parse_duration,
@@ -180,8 +181,13 @@ def port_spec(draw: st.DrawFn) -> tuple[str, tuple[PortMap, ...]]:
     expected: list[PortMap] = []
     for index in order:
         text += items[index] + draw(st.sampled_from([" ", ",", ", ", "\n", "\t", " , "]))
-        expected.extend(m for m in maps if _item_of(m.listen, starts) == index)
+        expected.extend(m for m in maps if isinstance(m.listen, int) and _item_of(m.listen, starts) == index)
     return text, tuple(expected)
+
+
+def _is_end(end: int | UnixAddress) -> bool:
+    """A port, or a socket file by its absolute path (`L:unix:PATH`, `unix:PATH:T`)."""
+    return end.path.startswith("/") if isinstance(end, UnixAddress) else 1 <= end <= 65535
 
 
 def _item_of(port: int, starts: list[int]) -> int:
@@ -233,7 +239,7 @@ def test_parse_port_item_returns_maps_or_one_line_error(text: str) -> None:
     except AddressError as err:
         assert_quotes(err, text)
     else:
-        assert maps and all(1 <= m.listen <= 65535 and 1 <= m.target <= 65535 for m in maps)
+        assert maps and all(_is_end(m.listen) and _is_end(m.target) for m in maps)
 
 
 @PROPERTY
@@ -246,7 +252,7 @@ def test_parse_ports_returns_unique_listen_ports_or_one_line_error(text: str) ->
     else:
         listens = [(m.listen, getattr(m, "protocol", "tcp")) for m in maps]  # once per protocol
         assert len(set(listens)) == len(listens)
-        assert all(1 <= m.listen <= 65535 and 1 <= m.target <= 65535 for m in maps)
+        assert all(_is_end(m.listen) and _is_end(m.target) for m in maps)
 
 
 @PROPERTY
