@@ -19,7 +19,7 @@ from relay.cli import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "compose-examples"
-COMPOSE_EXAMPLES = ("socat-dropin", "many-ports", "postgres-and-redis")
+COMPOSE_EXAMPLES = ("socat-dropin", "many-ports", "postgres-and-redis", "host-socket")
 SEED_COMMAND = ["-d", "tcp-listen:8000,fork,reuseaddr", "tcp-connect:host.docker.internal:8000"]
 HOST_GATEWAY = "host.docker.internal:host-gateway"
 VERSION = str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
@@ -112,6 +112,22 @@ def test_many_ports_shape() -> None:
     assert [r.name for r in config.routes if r.protocol == "udp"] == ["udp/8125"]
     assert relay["read_only"] is True
     assert relay["cap_drop"] == ["ALL"]
+
+
+def test_host_socket_shape() -> None:
+    """host-socket: the app's localhost:5432 goes to PostgreSQL's socket file in the host directory the
+    relay mounts (read-only); no extra_hosts needed (no host address is used); the relay's root stays
+    read-only with no capabilities."""
+    found = services("host-socket")
+    relay = found["relay"]
+    assert "extra_hosts" not in found["app"]
+    assert relay["volumes"] == ["/var/run/postgresql:/host/postgresql:ro"]
+    assert routes([], relay["environment"]) == loopback_routes(
+        [(5432, 0)], "unix:/host/postgresql/.s.PGSQL.5432"
+    )
+    assert relay["read_only"] is True and relay["cap_drop"] == ["ALL"]
+    mount = relay["volumes"][0].split(":")[1]
+    assert relay["environment"]["RELAY_PORTS"].startswith(f"5432:unix:{mount}/")
 
 
 def test_postgres_and_redis_shape() -> None:

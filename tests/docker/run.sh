@@ -32,7 +32,11 @@
 #     Then `docker rm -f app`: the relay keeps running and its log and /readyz name the fix.
 #  7. The holder example (tests/docker/override-holder.yaml): `docker restart app`; localhost:8000 works
 #     again and the relay never restarted.
-#  8. On exit, whatever happened: compose down, stop the services and dockerd by pid, unmount and remove
+#  8. The host-socket example (tests/docker/override-host-socket.yaml): the "host" service listens on
+#     127.0.0.1 and on a socket file (host_services.py unix:PATH:PORT) in a folder bind-mounted read-only
+#     into the relay; the app's localhost:5432 reaches it through the file (echo and half-close, 127.0.0.1
+#     and ::1), the relay running as uid 10001 with a read-only root.
+#  9. On exit, whatever happened: compose down, stop the services and dockerd by pid, unmount and remove
 #     the run folder, delete the bridges and cgroups the engine made, restore ip_forward and the bridge
 #     sysctls, and check that the firewall rules are as they were. A run also clears what an aborted
 #     earlier run left (its engine, container processes, mounts, bridges).
@@ -641,6 +645,43 @@ $(relay_state "$relay")"
     stop_pid "${BG_PIDS[-1]}" 5
 }
 
+host_socket() { # host_socket PROJECT: a host service on 127.0.0.1 and a socket file only, reached via the file
+    local project=$1 dir=$RUN/host-socket app relay output
+    log "example host-socket"
+    mkdir -m 0755 "$dir"
+    sed "s|@SOCKET_DIR@|$dir|" "$HERE/override-host-socket.yaml" > "$RUN/host-socket.override.in.yaml"
+    # 127.0.0.1 only (a container cannot reach it), plus PostgreSQL's socket file name answering as 5432.
+    if ! start_host_services 127.0.0.1 15432 "unix:$dir/.s.PGSQL.5432:5432"; then
+        fail "host-socket: host service on 127.0.0.1 and $dir/.s.PGSQL.5432"
+        return 0
+    fi
+    if ! compose_up "$project" host-socket "$RUN/host-socket.override.in.yaml"; then
+        fail "host-socket: compose up"
+        return 0
+    fi
+    app=$(container "$project" app)
+    relay=$(container "$project" relay)
+    if wait_for_relay "$relay" && wait_for_log "$relay" "target: unix:/host/postgresql/.s.PGSQL.5432 (socket file)" 10; then
+        pass "host-socket: relay ready, its target the socket file in the read-only mount"
+    else
+        fail "host-socket: relay ready with the socket file target" "$(relay_logs "$relay")"
+    fi
+    if output=$(run_client "$app" 4:5432:5432 6:5432:5432 2>&1); then
+        pass "host-socket: echo and half-close through the app's localhost:5432 (127.0.0.1 and ::1) to a host socket file, as uid 10001"
+    else
+        fail "host-socket: round trip via localhost:5432 to the socket file" "$output
+relay log:
+$(relay_logs "$relay")"
+    fi
+    if check_stop "$relay" && [ -S "$dir/.s.PGSQL.5432" ]; then
+        pass "host-socket: docker stop of the relay: $STOP_DETAIL; the host's socket file is untouched"
+    else
+        fail "host-socket: docker stop ($STOP_DETAIL) and the host's socket file still there" "$(relay_logs "$relay")"
+    fi
+    compose_down "$project"
+    stop_pid "${BG_PIDS[-1]}" 5
+}
+
 holder_layout() { # holder_layout PROJECT: app and relay in a holder's namespace; the relay never restarts
     local project=$1 app relay relay_started t0
     log "example holder"
@@ -717,6 +758,7 @@ main() {
         4:5432:5433 6:5432:5433 u4:8125:8125 u6:8125:8125
     app_restarts "relaytest$$c"
     holder_layout "relaytest$$d"
+    host_socket "relaytest$$e"
     local line
     for line in "${REJOIN[@]}"; do echo "rejoin: $line"; done
 }
