@@ -373,8 +373,6 @@ def from_file(path: str) -> dict[str, Raw]:
         raise ConfigError(f"{path}:{at}: YAML error: {str(err).splitlines()[0]}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: YAML error: {err}") from None
-    except ValueError as err:  # a constructor refusing an explicitly tagged value (`!!int x`)
-        raise ConfigError(f"{path}: YAML value that cannot be read: {err}") from None
     except RecursionError:  # PyYAML composes nested values recursively: ~500 levels exhaust the stack
         raise ConfigError(f"{path}: YAML nested too deeply; expected settings a few levels deep") from None
     if data is None:
@@ -435,6 +433,17 @@ def _yaml_loader() -> Any:
             ) or tag == "tag:yaml.org,2002:timestamp":
                 return "tag:yaml.org,2002:str"
             return tag
+
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            # PyYAML's constructors trust the implicit resolver's pattern; an explicit tag skips it, and
+            # `!!bool x`, `!!timestamp x`, `!!int x` then raised KeyError, AttributeError, ValueError.
+            try:
+                return super().construct_object(node, deep)
+            except (LookupError, AttributeError, TypeError, ValueError):
+                name = str(node.tag).rpartition(":")[2]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{node.value!r} is not a valid !!{name}", node.start_mark
+                ) from None
 
     return Loader
 
