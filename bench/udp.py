@@ -137,6 +137,19 @@ def running(argv: Sequence[str], port: int, stderr: Path, timeout: float = 10.0)
         yield
     finally:
         proc.stop(p)
+        gone(p.pid)
+
+
+def gone(group: int, timeout: float = 3.0) -> None:
+    """Wait (bounded) until the process group has no process left: socat's forked children, killed with
+    it, may take a moment to exit, and the run's leftover check would count them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -325,7 +325,10 @@ class Server:
         await self._stop_app_watch()
         shared = self.shared
         shared.drained = asyncio.Event()  # from here on: readiness false, late accepts refused
+        udp_sessions = self.udp.sessions
         self._close_listeners(list(self.routes))
+        if udp_sessions:  # nothing to finish: a datagram has no connection (relay/udp.py)
+            log.info("%s: closed %d UDP session(s) with their listeners", why, udp_sessions)
         log.info(
             "%s: stopped listening; draining %d connection(s), up to %gs",
             why,

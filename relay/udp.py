@@ -43,6 +43,10 @@ from relay.upstream import ResolveError, Resolver
 log = logging.getLogger("relay")
 
 EARLY_DATAGRAMS = 16
+# Receive buffer asked for on listening sockets: the kernel caps it at net.core.rmem_max (often 208 KiB,
+# then this changes nothing). A bigger one rides out a stall of the process under a burst (StatsD,
+# syslog) instead of dropping; session sockets keep the default, as 4096 of them could add up.
+LISTEN_RCVBUF = 1 << 20
 SWEEP_TICKS = 4
 LIMIT_PROBLEM = "udp_sessions"
 
@@ -399,6 +403,7 @@ def _bind(host: str, port: int, *, reuseport: bool) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
         sock.bind((host, port))
         sock.setblocking(False)
     except BaseException:
