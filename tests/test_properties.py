@@ -377,14 +377,14 @@ def test_socat_argv_gives_settings_or_one_line_error(argv: list[str]) -> None:
     try:
         config = load(socat.parse(argv).raw, {})
     except ConfigError as err:
-        # Names the culprit: quotes an argument (even ''), a piece of one, or the addresses together;
-        # or names a flag as it is (`-b: missing its value`).
+        # Names the culprit: quotes an argument (even ''), a piece of one, or the addresses together
+        # (space-joined, flags left out); or names a flag as it is (`-b: missing its value`).
         message = assert_one_line(err)
         joined = " ".join(argv)
         quoted = _literals(message)
-        assert any(q in argv or (q.strip() and q in joined) for q in quoted) or any(
-            a.strip() and a.isprintable() and a in message for a in argv
-        ), (message, argv)
+        assert any(
+            q in argv or (q.strip() and all(p in joined for p in q.split(" "))) for q in quoted
+        ) or any(a.strip() and a.isprintable() and a in message for a in argv), (message, argv)
     else:
         (route,) = config.routes
         well_formed_host(route.target)
@@ -544,6 +544,7 @@ YAML_BITS = [
     "&a ",
     "*a",
     "!!",
+    *(f"!!{tag} " for tag in ("int", "float", "bool", "null", "timestamp", "binary", "set", "omap", "str")),
     '"',
     "'",
     "{",
@@ -741,6 +742,8 @@ def socat_case(draw: st.DrawFn) -> SocatCase:
     expected["family"] = family
     target = draw(remote)
     target_port = draw(ports)
+    if target_port == listen_port and target in listen:  # bind=IP: not back into the relay itself
+        target_port = listen_port % 65535 + 1
     connect_options: list[str] = []
     retries: int | None = None
     interval = 1.0
