@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/test, scripts/run and scripts/bench: make .venv and install the project into it.
 # Usage: . scripts/bootstrap.sh EXTRAS [DEBIAN_PACKAGE...]
 #   EXTRAS            pip extras to install with the project, e.g. "dev" or "dev,bench"

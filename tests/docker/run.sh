@@ -634,6 +634,7 @@ $(relay_state "$relay")"
     # Removed, the app cannot be followed (Docker cannot start the relay in a container that is gone): the
     # relay must say how to fix it, in its log and its /readyz, and keep running.
     docker rm -f "$app" > /dev/null
+    # shellcheck disable=SC2015 # `|| true` is meant for either step failing: the check below reads $output
     output=$(wait_for_log "$relay" "app container removed" 10 && timeout 20 docker exec "$relay" relay healthcheck 2>&1 || true)
     if [ "$(docker inspect -f '{{.State.Running}}' "$relay")" = true ] && [[ $output == *"--always-recreate-deps"* ]]; then
         pass "app removed: the relay keeps running, logs and reports the fix: ${output:0:60}..."
