@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
-import shlex
+import shutil
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from bench import proc
 from bench import report as bench_report
@@ -40,7 +41,7 @@ def _positive(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 < value <= 24 * 60:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1440 (exclusive of 0)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length; expected a number above 0, at most 1440")
     return value
 
 
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--write-doc", action="store_true", help="write docs/reliability.md (or --doc)")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "reliability.md", help=argparse.SUPPRESS)
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, relay logs)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="FIGURES.json",
+        help="run nothing: write the document from the figures (--json) of an earlier run",
+    )
     args = p.parse_args(argv)
     args.length = args.minutes * 60 if args.minutes else (args.seconds or 60.0)
     return args
@@ -69,12 +76,28 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds every `with`: processes stopped, namespaces deleted
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command that reproduces the run (output options left out), for the document."""
+    length = f"--minutes {args.minutes:g}" if args.minutes else f"--seconds {args.length:g}"
+    parts = ["scripts/soak", length, f"--seed {args.seed}"]
+    parts += [f"--loop {args.loop}"] if args.loop != "auto" else []
+    parts += ["--no-blackhole"] if args.no_blackhole else []
+    return " ".join([*parts, "--write-doc"])
+
+
+def _write_doc(fig: dict[str, Any], path: Path) -> None:
+    path.write_text(report.document(fig))
+    print(f"soak: wrote {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        _write_doc(json.loads(args.render.read_text()), args.doc)
+        return 0
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     plan = Plan(seconds=args.length, seed=args.seed, loop=args.loop, blackhole=not args.no_blackhole)
-    command = "scripts/soak " + shlex.join(sys.argv[1:] if argv is None else argv)
     machine = [(k, v) for k, v in dict(bench_report.machine(sys.executable)).items() if k in MACHINE_KEYS]
     print(f"soak: {args.length:g} s of load, seed {args.seed}", file=sys.stderr, flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="relay-soak-"))
@@ -91,22 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print(f"soak: work directory kept: {workdir}", file=sys.stderr)
         else:
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
     if left := proc.leftovers():
         fig["problems"].append(f"processes left running: {left}")
-    fig["command"] = command
-    fig["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    fig["command"] = _command(args)
+    fig["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     fig["machine"] = machine
-    fig["checks"] = [c.__dict__ for c in report.checks(fig)]
+    fig["checks"] = [dataclasses.asdict(c) for c in report.checks(fig)]
     fig["passed"] = report.passed(fig)
     print("\n".join(report.summary(fig)), file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(fig, indent=1))
     if args.write_doc:
-        args.doc.write_text(report.document(fig, command, machine))
-        print(f"soak: wrote {args.doc}", file=sys.stderr)
+        _write_doc(fig, args.doc)
     return 0 if fig["passed"] else 1
 
 

@@ -140,7 +140,7 @@ async def reload_routes(
 HELD = 48
 IDLE_SCRAPES = 64
 SLOTS_FULL = "every connection slot taken"
-SCRAPES_HELD = "and 64 idle connections to the metrics port"
+SCRAPES_HELD = "slots taken and 64 idle connections held to the metrics port"
 
 
 async def exhaust_descriptors(
