@@ -85,6 +85,7 @@ class RelayCollector(Collector):
         yield self._targets()
         yield self._lookups()
         yield from self._app_watch()
+        yield from self._readiness()
         build = InfoMetricFamily("relay_build", "relay-sidecar build", labels=[])
         build.add_metric([], {"version": __version__})
         yield build
@@ -157,6 +158,18 @@ class RelayCollector(Collector):
         )
         stranded.add_metric([], 1 if STRANDED in server.problems or APP_REMOVED in server.problems else 0)
         yield from (watching, stranded)
+
+    def _readiness(self) -> Iterator[Metric]:
+        """What /readyz answers, and the connection limit (alert rules compare the open connections to it)."""
+        from relay.health import readiness  # health imports this module
+
+        ready = GaugeMetricFamily("relay_ready", "1 while /readyz answers 200 (see its reasons when 0)")
+        ready.add_metric([], 1 if readiness(self.server)[0] else 0)
+        limit = GaugeMetricFamily(
+            "relay_max_connections", "Connections held open at most (max_connections, after the fd limit)"
+        )
+        limit.add_metric([], self.server.config.max_connections)
+        yield from (ready, limit)
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
