@@ -80,3 +80,34 @@ def test_bench_smoke(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "benchmarks.png").stat().st_size > 10_000
     assert _run_processes(run_id) == [], "the benchmark left processes behind"
+
+
+@pytest.mark.timeout(150)
+def test_bench_unix_smoke(tmp_path: Path) -> None:
+    """Steps: `python -m bench.unix --smoke` (the Unix-socket target, issue 11) into a copy of a report;
+    it exits 0, puts its section (every row, both ratio columns) before *How it is measured*, and leaves
+    no process; a second run replaces the section instead of adding one."""
+    missing = [t for t in ("socat", "haproxy", "wrk", "nginx") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools missing: {' '.join(missing)} (Debian packages: {DEBIAN})")
+    report = tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n\n## Loopback\n\n## How it is measured\n\n- ...\n")
+    run_id = f"smoke-unix-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.unix", "--smoke", "--out", str(report)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=140,
+            check=False,
+            env={**os.environ, "RELAY_BENCH_RUN": run_id},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    md = report.read_text()
+    assert md.count("## Unix-socket target") == 1
+    assert md.index("## Unix-socket target") < md.index("## How it is measured")
+    for needle in ("relay → socket", "relay ÷ socat, TCP target", "client → server", "server → client"):
+        assert needle in md, f"{needle!r} missing from the report"
+    assert "round trip p50" in md and "new connections" in md and "Failed measurements: 0." in md
+    assert _run_processes(run_id) == [], "the benchmark left processes behind"

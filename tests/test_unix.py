@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay import check, hints, socat
-from relay.address import AddressError, HostPort, PortMap, UnixAddress, parse_ports
+from relay.address import AddressError, HostPort, PortMap, UnixAddress, parse_port_item, parse_ports
 from relay.config import Config, ConfigError, Route, load
 from relay.listener import ListenError
 from relay.server import Server
@@ -83,6 +85,21 @@ def test_socket_file_port_items_refused(text: str, message: str) -> None:
     with pytest.raises(AddressError) as err:
         parse_ports(text)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.sampled_from(["5432:unix:{}", "unix:{}:5432", "unix:{}", "5432:UNIX:{}"]))
+def test_socket_file_items_give_maps_or_one_line_error(path: str, form: str) -> None:
+    """Any text as the path: an absolute path of a socket file that fits, or one line quoting the item."""
+    item = form.format(path)
+    try:
+        (pm,) = parse_port_item(item)
+    except AddressError as err:
+        assert "\n" not in str(err) and str(err).startswith(repr(item))
+    else:
+        end = pm.target if isinstance(pm.target, UnixAddress) else pm.listen
+        assert isinstance(end, UnixAddress) and end.path.startswith("/") and end.path in item
+        assert len(os.fsencode(end.path)) <= 107
 
 
 def test_settings_from_env_give_socket_routes_with_names() -> None:
@@ -328,6 +345,43 @@ def test_tcp_port_to_socket_file_half_close_and_backpressure(run: Run, sockdir: 
             assert (stats.accepted, stats.closed["eof"], stats.bytes_c2t) == (2, 2, len(payload) + 5)
 
     run(main())
+
+
+def test_a_socket_target_that_drops_unread_bytes_resets_the_client(run: Run, sockdir: Path) -> None:
+    """Steps: the server behind the socket file closes while the client's bytes sit unread in its
+    receive queue (a socket file's form of a reset: the relay's read fails with ECONNRESET); the client
+    is reset too and the pair is counted as target_reset."""
+    import threading
+
+    path = sockdir / "t.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+    listener.settimeout(15)
+
+    def drop() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1, socket.MSG_PEEK)  # the bytes have arrived; closed with all of them unread
+
+    async def main() -> None:
+        async with relay_of(to_socket(path)) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.listeners[0].address.port)
+            writer.write(b"x" * 1000)
+            with pytest.raises(ConnectionResetError):
+                await reader.read(-1)
+            writer.close()
+            await wait_until(lambda: not server.connections)
+            assert server.stats["to-socket"].closed["target_reset"] == 1
+
+    worker = threading.Thread(target=drop, daemon=True)
+    worker.start()
+    try:
+        run(main())
+    finally:
+        listener.close()
+        worker.join(15)
 
 
 def test_socket_file_to_tcp_port_with_mode_and_removal(run: Run, sockdir: Path) -> None:
@@ -747,3 +801,19 @@ def test_postgresql_on_its_socket_only_through_a_tcp_port(run: Run, postgres: Pa
             assert server.stats["to-socket"].connect_errors.total() == 0
 
     run(main(), timeout=90)
+
+
+def test_the_benchmark_section_is_merged_once_and_carried(tmp_path: Path) -> None:
+    """bench/unix.py writes its section before *How it is measured*, replaces it on the next run, and
+    `python -m bench` (which rewrites the report) gets it back from `carried`."""
+    from bench import unix
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Loopback\n\nrows\n\n## How it is measured\n\n- how\n")
+    unix.merge(doc, [unix.BEGIN, "## Unix-socket target (loopback)", "first", unix.END])
+    unix.merge(doc, [unix.BEGIN, "## Unix-socket target (loopback)", "second", unix.END])
+    text = doc.read_text()
+    assert text.count(unix.BEGIN) == 1 and "first" not in text and "second" in text
+    assert text.index("second") < text.index("## How it is measured") and text.startswith("# Benchmarks")
+    assert unix.carried(doc) == [unix.BEGIN, "## Unix-socket target (loopback)", "second", unix.END]
+    assert unix.carried(tmp_path / "none.md") == []
