@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,20 @@ def missing_tools(workloads: Sequence[str]) -> list[str]:
 
 
 # --- processes ------------------------------------------------------------------------------------------
+
+
+def free_tcp_and_udp_port() -> int:
+    """A port free for both (dnsmasq binds its port over TCP too); a few tries, then give up."""
+    for _ in range(50):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both TCP and UDP")
 
 
 def free_udp_port() -> int:
@@ -245,7 +260,7 @@ NAMES = 50
 def dnsmasq(workdir: Path) -> Iterator[int]:
     hosts = workdir / "bench.hosts"
     hosts.write_text("".join(f"10.77.0.{i} h{i}.bench.test\n" for i in range(1, NAMES + 1)))
-    port = free_udp_port()
+    port = free_tcp_and_udp_port()
     binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     argv = [
         binary,
@@ -300,6 +315,8 @@ def measure(
     if workload == UDP_FLOOD:
         return measure_flood(subject, workdir, seconds)
     if workload == UDP_DNS:
+        if "dnsmasq" not in ports:
+            raise RuntimeError("dnsmasq did not start (see the run's log)")
         with subject.serve("127.0.0.1", ports["dnsmasq"], workdir) as (host, port):
             return dnsperf(host, port, seconds, workdir)
     raise ValueError(f"unknown workload {workload!r}")
@@ -325,7 +342,11 @@ def run_interleaved(
                 )
             )
         if UDP_DNS in workloads:
-            ports["dnsmasq"] = stack.enter_context(dnsmasq(workdir))
+            try:
+                ports["dnsmasq"] = stack.enter_context(dnsmasq(workdir))
+            except (RuntimeError, OSError, TimeoutError) as exc:  # each udp_dns record says so
+                failed = str(exc)[-200:]
+                print(f"bench: dnsmasq did not start: {failed}", file=sys.stderr)
         for rep in range(reps):
             order = list(subs[rep % len(subs) :]) + list(subs[: rep % len(subs)])
             for workload in workloads:
