@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import socket
 import statistics
@@ -278,8 +279,12 @@ def _fmt(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
 
 
-def report(records: Sequence[Record], reps: int, seconds: float, smoke: bool) -> list[str]:
-    """The section for docs/benchmarks.md: socket-file target rows, with the same ratios over TCP."""
+def report(
+    records: Sequence[Record], reps: int, seconds: float, smoke: bool, load: tuple[float, float] = (0.0, 0.0)
+) -> list[str]:
+    """The section for docs/benchmarks.md: socket-file target rows, with the same ratios over TCP. `load`
+    is the 1-minute load average at the start and the end of the run: on a shared machine it says how far
+    to trust the round-trip rows."""
     lines = [
         BEGIN,
         "## Unix-socket target (loopback)",
@@ -294,7 +299,9 @@ def report(records: Sequence[Record], reps: int, seconds: float, smoke: bool) ->
         "the round trip an HTTP request to nginx on a kept-alive connection (nginx's time included for "
         "every subject), new connections wrk with `Connection: close` against nginx. Method: "
         "`bench/unix.py`. The throughput load is this Python client, not iperf3, sharing the 2 cores with "
-        "the subject and the server: absolute figures sit below the TCP table's; compare the ratios.",
+        "the subject and the server: absolute figures sit below the TCP table's; compare the ratios. "
+        f"Load average (1 min) at the start / end of the run: {load[0]:.1f} / {load[1]:.1f} on "
+        f"{os.cpu_count()} cores.",
         "",
         "| measure | relay → socket | socat → socket | haproxy → socket | relay ÷ socat, socket | "
         "relay ÷ socat, TCP target |",
@@ -360,9 +367,10 @@ def main(argv_: list[str] | None = None) -> int:
             f"bench.unix: missing tools: {' '.join(missing)} (scripts/bench installs them)", file=sys.stderr
         )
         return 2
+    before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="relay-bench-unix-") as tmp:
         records = run(SUBJECTS, ALL_WORKLOADS, reps, seconds, Path(tmp), args.python)
-    merge(args.out, report(records, reps, seconds, args.smoke))
+    merge(args.out, report(records, reps, seconds, args.smoke, (before, os.getloadavg()[0])))
     failed = sum(1 for r in records if r.error)
     print(f"bench.unix: wrote {args.out}; {len(records)} measurements, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
