@@ -170,10 +170,7 @@ def _unix_pair(addresses: list[str], raw: dict[str, Raw]) -> None:
     if _keyword(connect) in UNIX_CONNECT:
         target = _unix_path(connect, UNIX_CONNECT_FORM, set())
     else:
-        raw["ports"] = Raw("1", SOURCE)  # _connect_address writes LISTEN:PORT; the listen side is a file
-        _connect_address(connect, raw)
-        port = str(raw.pop("ports").value).partition(":")[2]
-        target = format_hostport(str(raw.pop("target").value), int(port))
+        target = format_hostport(*_connect_target(connect, raw))
     if _keyword(listen) not in UNIX_LISTEN:
         _listen_address(listen, raw)
         raw["ports"] = Raw(f"{raw['ports'].value}:{target}", raw["ports"].source)
@@ -311,6 +308,14 @@ def _listen_address(address: str, raw: dict[str, Raw]) -> None:
 
 
 def _connect_address(address: str, raw: dict[str, Raw]) -> None:
+    host, port = _connect_target(address, raw)
+    listen_port = raw["ports"].value
+    raw["ports"] = Raw(f"{listen_port}:{port}", raw["ports"].source)
+    raw["target"] = Raw(host, f"{SOURCE} {address!r}")
+
+
+def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
+    """HOST and PORT of a TCP or UDP connect address; its options go into `raw`."""
     where, keyword, params, options = _parts(address, CONNECT_KEYWORDS, "connect", 2, CONNECT_FORM)
     _udp_options(keyword, options, where)
     try:
@@ -318,9 +323,6 @@ def _connect_address(address: str, raw: dict[str, Raw]) -> None:
         port = parse_port(params[1], CONNECT_FORM)
     except AddressError as err:
         raise ConfigError(f"{where}: {err}") from None
-    listen_port = raw["ports"].value
-    raw["ports"] = Raw(f"{listen_port}:{port}", raw["ports"].source)
-    raw["target"] = Raw(host, where)
     if CONNECT_KEYWORDS[keyword] != "any":
         raw["family"] = Raw(CONNECT_KEYWORDS[keyword], where)
     retries: int | None = None
@@ -348,6 +350,7 @@ def _connect_address(address: str, raw: dict[str, Raw]) -> None:
         # A number, not str(budget): that writes 1e+20 or 1e-05, which the duration parser refuses.
         budget = 365 * 86400.0 if retries < 0 else retries * interval
         raw["connect_retry"] = Raw(budget, where)
+    return host, port
 
 
 def _udp_options(keyword: str, options: list[str], where: str) -> None:
