@@ -9,6 +9,9 @@ all run at once:
 - half-close: send `H` and 64 KiB of random bytes, shut the write side, read to EOF; the server answers a
   second after the FIN with `TARGET SHA256 LENGTH`, which must arrive and match what was sent.
 
+A CHECK `s:PATH:TARGET` runs the same two scenarios through the socket file PATH instead of localhost (the
+relay listening on a socket file in a volume it shares with the app).
+
 A CHECK `u4:LISTEN:TARGET` or `u6:...` is UDP instead: datagrams of 1 byte to 60,000 bytes to
 localhost:LISTEN, each answered by the host's port TARGET as `TARGET ` + the datagram (one scenario, `udp`).
 
@@ -27,8 +30,13 @@ TIMEOUT = 15.0
 LOOPBACK = {"4": "127.0.0.1", "6": "::1"}
 
 
-def connect(family: str, port: int) -> socket.socket:
-    sock = socket.create_connection((LOOPBACK[family], port), timeout=TIMEOUT)
+def connect(family: str, listen: str) -> socket.socket:
+    if family == "s":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.connect(listen)
+        return sock
+    sock = socket.create_connection((LOOPBACK[family], int(listen)), timeout=TIMEOUT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -40,7 +48,7 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def echo(family: str, listen: int, target: int) -> str | None:
+def echo(family: str, listen: str, target: int) -> str | None:
     payload = os.urandom(256 * 1024)
     with connect(family, listen) as sock:
         errors: list[BaseException] = []
@@ -63,7 +71,7 @@ def echo(family: str, listen: int, target: int) -> str | None:
     return None
 
 
-def half_close(family: str, listen: int, target: int) -> str | None:
+def half_close(family: str, listen: str, target: int) -> str | None:
     payload = os.urandom(64 * 1024)
     with connect(family, listen) as sock:
         sock.sendall(b"H" + payload)
@@ -78,13 +86,13 @@ def half_close(family: str, listen: int, target: int) -> str | None:
 UDP_SIZES = (1, 100, 1400, 9000, 60000)
 
 
-def udp(family: str, listen: int, target: int) -> str | None:
+def udp(family: str, listen: str, target: int) -> str | None:
     """One datagram of each size, each answered before the next is sent (UDP may drop; loopback and a
     bridge on one machine do not when nothing else is sent)."""
     host = LOOPBACK[family[-1]]
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(TIMEOUT / 3)
-        sock.connect((host, listen))
+        sock.connect((host, int(listen)))
         for size in UDP_SIZES:
             payload = os.urandom(size)
             sock.send(payload)
@@ -97,7 +105,7 @@ def udp(family: str, listen: int, target: int) -> str | None:
 def main(argv: list[str]) -> int:
     results: dict[str, str | None] = {}
 
-    def run(name: str, family: str, listen: int, target: int) -> None:
+    def run(name: str, family: str, listen: str, target: int) -> None:
         scenario = echo if name.startswith("echo") else udp if name.startswith("udp") else half_close
         try:
             results[name] = scenario(family, listen, target)
@@ -108,10 +116,11 @@ def main(argv: list[str]) -> int:
     for check in argv:
         family, listen, target = check.split(":")
         for scenario in ("udp",) if family.startswith("u") else ("echo", "half-close"):
-            name = f"{scenario} {LOOPBACK[family[-1]]}:{listen}->{target}"
+            where = listen if family == "s" else f"{LOOPBACK[family[-1]]}:{listen}"
+            name = f"{scenario} {where}->{target}"
             results[name] = "did not finish"
             threads.append(
-                threading.Thread(target=run, args=(name, family, int(listen), int(target)), daemon=True)
+                threading.Thread(target=run, args=(name, family, listen, int(target)), daemon=True)
             )
     for thread in threads:
         thread.start()

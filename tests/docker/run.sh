@@ -35,7 +35,9 @@
 #  8. The host-socket example (tests/docker/override-host-socket.yaml): the "host" service listens on
 #     127.0.0.1 and on a socket file (host_services.py unix:PATH:PORT) in a folder bind-mounted read-only
 #     into the relay; the app's localhost:5432 reaches it through the file (echo and half-close, 127.0.0.1
-#     and ::1), the relay running as uid 10001 with a read-only root.
+#     and ::1), the relay running as uid 10001 with a read-only root. The reverse too: the relay listens
+#     on a socket file in a tmpfs volume it shares with the app (app_client.py s:PATH:PORT), and removes
+#     it on docker stop.
 #  9. On exit, whatever happened: compose down, stop the services and dockerd by pid, unmount and remove
 #     the run folder, delete the bridges and cgroups the engine made, restore ip_forward and the bridge
 #     sysctls, and check that the firewall rules are as they were. A run also clears what an aborted
@@ -651,6 +653,8 @@ host_socket() { # host_socket PROJECT: a host service on 127.0.0.1 and a socket 
     log "example host-socket"
     mkdir -m 0755 "$dir"
     sed "s|@SOCKET_DIR@|$dir|" "$HERE/override-host-socket.yaml" > "$RUN/host-socket.override.in.yaml"
+    printf '%s\n' "routes:" "  - {name: app-socket, listen: 'unix:/shared/.s.PGSQL.5432', mode: '0666'," \
+        "     target: 'unix:/host/postgresql/.s.PGSQL.5432'}" > "$dir/relay.yaml"
     # 127.0.0.1 only (a container cannot reach it), plus PostgreSQL's socket file name answering as 5432.
     if ! start_host_services 127.0.0.1 15432 "unix:$dir/.s.PGSQL.5432:5432"; then
         fail "host-socket: host service on 127.0.0.1 and $dir/.s.PGSQL.5432"
@@ -667,17 +671,17 @@ host_socket() { # host_socket PROJECT: a host service on 127.0.0.1 and a socket 
     else
         fail "host-socket: relay ready with the socket file target" "$(relay_logs "$relay")"
     fi
-    if output=$(run_client "$app" 4:5432:5432 6:5432:5432 2>&1); then
-        pass "host-socket: echo and half-close through the app's localhost:5432 (127.0.0.1 and ::1) to a host socket file, as uid 10001"
+    if output=$(run_client "$app" 4:5432:5432 6:5432:5432 s:/shared/.s.PGSQL.5432:5432 2>&1); then
+        pass "host-socket: echo and half-close through the app's localhost:5432 (127.0.0.1 and ::1) to a host socket file, and through the relay's socket file in a shared volume (read-only root, uid 10001)"
     else
         fail "host-socket: round trip via localhost:5432 to the socket file" "$output
 relay log:
 $(relay_logs "$relay")"
     fi
-    if check_stop "$relay" && [ -S "$dir/.s.PGSQL.5432" ]; then
-        pass "host-socket: docker stop of the relay: $STOP_DETAIL; the host's socket file is untouched"
+    if check_stop "$relay" && [ -S "$dir/.s.PGSQL.5432" ] && docker exec "$app" test ! -e /shared/.s.PGSQL.5432; then
+        pass "host-socket: docker stop of the relay: $STOP_DETAIL; its own socket file removed, the host's untouched"
     else
-        fail "host-socket: docker stop ($STOP_DETAIL) and the host's socket file still there" "$(relay_logs "$relay")"
+        fail "host-socket: docker stop ($STOP_DETAIL), the relay's socket file removed, the host's still there" "$(relay_logs "$relay")"
     fi
     compose_down "$project"
     stop_pid "${BG_PIDS[-1]}" 5
