@@ -406,6 +406,35 @@ def test_socket_file_to_tcp_port_with_mode_and_removal(run: Run, sockdir: Path) 
     run(main())
 
 
+def test_drain_removes_the_socket_file_at_once_and_lets_a_connection_finish(run: Run, sockdir: Path) -> None:
+    """Steps: a client is half-way through a request on the relay's socket file (the server answers only
+    after its EOF); the drain starts: the file is gone at once (no new client can connect) while the
+    open connection completes with its answer, and the drain ends without closing anything."""
+    path = sockdir / "a.sock"
+
+    async def main() -> None:
+        async with tcp_server(late_reply) as port:
+            server = Server(Config(routes=(from_socket(path, port),), metrics=None, drain_timeout=10.0))
+            await server.start()
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b"half")
+            await wait_until(lambda: any(c.bytes_c2t == 4 for c in server.connections))  # relayed
+            draining = asyncio.ensure_future(server.drain())
+            await wait_until(lambda: server.draining)
+            assert not path.exists()
+            with pytest.raises(FileNotFoundError):
+                await asyncio.open_unix_connection(str(path))
+            writer.write(b" more")
+            writer.write_eof()
+            assert await reader.read(-1) == _answer(b"half more")
+            writer.close()
+            await draining
+            assert server.stats["from-socket"].closed["eof"] == 1
+            assert server.stats["from-socket"].closed["shutdown"] == 0
+
+    run(main())
+
+
 def test_a_stale_socket_file_is_replaced(run: Run, sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Steps: a socket file nobody listens on (a killed run's) sits at the listen path; the relay
     replaces it, says so, and serves."""
