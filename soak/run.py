@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -123,7 +124,12 @@ async def _set_up(plan: Plan, workdir: Path, stack: contextlib.ExitStack, notes:
     elif why := blackhole.available():
         notes.append(f"The {faults.BLACKHOLE} was skipped: it {why} (network namespaces).")
     else:
-        setup.hole = hole = stack.enter_context(blackhole.blackhole())
+        try:
+            setup.hole = hole = stack.enter_context(blackhole.blackhole())
+        except subprocess.CalledProcessError as err:
+            raise SoakError(
+                f"cannot set up the namespaces: {err.cmd}: {(err.stderr or '').strip()}"
+            ) from None
         setup.hole_target = Target("blackhole", sock=hole.host.listen(hole.gateway))
         setup.targets.append(setup.hole_target)
         setup.extra.append(
