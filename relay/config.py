@@ -170,6 +170,11 @@ def _target(value: object) -> str:
     text = _text(value).strip()
     if text.lower() == AUTO:
         return AUTO
+    if is_unix(text):  # one host serves every port; a socket file is one port's target
+        raise AddressError(
+            f"{value!r} is a socket file, which is a port's target rather than the host's; expected auto, a "
+            "host name or an IP address here, and LISTEN_PORT:unix:PATH in the ports"
+        )
     return check_host(text, "expected auto, a host name or an IP address")
 
 

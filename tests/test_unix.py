@@ -160,6 +160,13 @@ def test_yaml_socket_routes_refused(tmp_path: Path, route: str, message: str) ->
     assert message in str(err.value) and str(err.value).startswith(f"{path}:2: routes[0]")
 
 
+def test_a_socket_file_as_the_host_says_where_it_goes() -> None:
+    with pytest.raises(ConfigError) as err:
+        load({}, {"RELAY_PORTS": "5432", "RELAY_TARGET": "unix:/host/pg.sock"})
+    assert str(err.value).startswith("RELAY_TARGET: 'unix:/host/pg.sock' is a socket file")
+    assert "LISTEN_PORT:unix:PATH in the ports" in str(err.value)
+
+
 def test_one_socket_file_listened_on_twice_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "relay.yaml"
     path.write_text("routes:\n  - {listen: 'unix:/s/a.sock', target: 'db:1', name: one}\n")
