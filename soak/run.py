@@ -127,9 +127,8 @@ async def _set_up(plan: Plan, workdir: Path, stack: contextlib.ExitStack, notes:
         try:
             setup.hole = hole = stack.enter_context(blackhole.blackhole())
         except subprocess.CalledProcessError as err:
-            raise SoakError(
-                f"cannot set up the namespaces: {err.cmd}: {(err.stderr or '').strip()}"
-            ) from None
+            why = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+            raise SoakError(f"cannot set up the namespaces: {err.cmd}: {why.strip()}") from None
         setup.hole_target = Target("blackhole", sock=hole.host.listen(hole.gateway))
         setup.targets.append(setup.hole_target)
         setup.extra.append(
