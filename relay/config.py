@@ -244,7 +244,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "ports",
         _ports,
-        "ports to forward: P, LO-HI, L:T, LLO-LHI:T, LLO-LHI:TLO-THI, each optionally /udp (default /tcp)",
+        "ports to forward: P, LO-HI, L:T, LLO-LHI:T, LLO-LHI:TLO-THI, each optionally /udp (default /tcp); "
+        "L:unix:PATH to a socket file, unix:PATH:T on one",
         "SPEC",
     ),
     Option(
