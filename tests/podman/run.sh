@@ -131,11 +131,13 @@ EOF
     export CONTAINERS_REGISTRIES_CONF=$RUN/conf/registries.conf
 }
 
-inns() { nsenter --net="/run/netns/$NAME" "$@"; } # run in the test's network namespace
+# Nothing the test starts inherits the lock (fd 9): podman leaves conmon running, which would hold it.
+podman() { command podman "$@" 9>&-; }
+inns() { nsenter --net="/run/netns/$NAME" "$@" 9>&-; } # run in the test's network namespace
 inns_t() { # inns_t SECONDS COMMAND...: the same, bounded in time
     local limit=$1
     shift
-    timeout "$limit" nsenter --net="/run/netns/$NAME" "$@"
+    timeout "$limit" nsenter --net="/run/netns/$NAME" "$@" 9>&-
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,9 +204,20 @@ clean_run_dir() { # everything the run folder $1 left, whether or not its script
     rm -rf "$dir"
 }
 
+pids_in_netns() { # every process in the test's network namespace: all of them the test's own
+    local ns pid
+    ns=$(stat -L -c %i "/run/netns/$NAME" 2> /dev/null) || return 0
+    for pid in /proc/[0-9]*; do
+        if [ "$(stat -L -c %i "$pid/ns/net" 2> /dev/null)" = "$ns" ]; then echo "${pid#/proc/}"; fi
+    done
+}
+
 clean_shared_state() { # what lives outside any run folder: the namespace, CNI IPAM state, empty cgroups
-    local ns
-    if [ -e "/run/netns/$NAME" ]; then ip netns delete "$NAME" 2> /dev/null || true; fi
+    local ns pid
+    if [ -e "/run/netns/$NAME" ]; then
+        for pid in $(pids_in_netns); do stop_pid "$pid" 5; done
+        ip netns delete "$NAME" 2> /dev/null || true
+    fi
     rm -rf "$CNI_STATE"
     if [ "$LIBPOD_CGROUPS_EXISTED" = 0 ] && ! other_podman_running "${RUN:-/nonexistent}"; then
         # shellcheck disable=SC2046 # a list of paths without spaces
@@ -248,6 +261,7 @@ cleanup() {
         [ -e "$RUN" ] && leftovers+="$RUN; "
         [ -n "$(pids_using "$RUN")" ] && leftovers+="processes of $RUN; "
         [ -e "/run/netns/$NAME" ] && leftovers+="network namespace $NAME; "
+        pgrep -f "$DOCKER_HERE/host_services.py 0.0.0.0" > /dev/null && leftovers+="host services; "
         [ -n "$(new_podman_netns)" ] && leftovers+="podman's network namespaces $(new_podman_netns); "
         [ -e "$CNI_STATE" ] && leftovers+="$CNI_STATE; "
         ip -o link show | grep -q 'cni-podman' && leftovers+="a cni-podman bridge in the host namespace; "
@@ -316,7 +330,8 @@ relay_logs() { podman logs "$1" 2>&1 | tail -30; }
 
 start_host_services() { # the "host" services in the test's namespace, on every address there
     local out=$RUN/services.log
-    inns "$PY" "$DOCKER_HERE/host_services.py" 0.0.0.0 "$@" > "$out" 2>&1 9>&- &
+    # nsenter itself (not the inns function, which would run in a subshell): $! is then the service.
+    nsenter --net="/run/netns/$NAME" "$PY" "$DOCKER_HERE/host_services.py" 0.0.0.0 "$@" > "$out" 2>&1 9>&- &
     BG_PIDS+=($!)
     wait_for_line "$out" ready 10 || { cat "$out"; return 1; }
 }
@@ -397,7 +412,7 @@ $(relay_logs "$relay")"
 main() {
     install_missing
     exec 9> "$LOCK_FILE"
-    if ! flock -w 300 9; then
+    if ! flock -w 120 9; then
         echo "another Podman engine test holds $LOCK_FILE" >&2
         return 1
     fi
