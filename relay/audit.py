@@ -5,10 +5,13 @@ Rules:
    would leave behind: a pair whose sockets are both gone and whose connect is over, seen so at two
    audits in a row (AUDIT_SECONDS apart, so a close still in flight is never mistaken for a leak).
    Such a pair is finished, counted (`relay_connections_reaped_total`) and logged.
-2. "Out of descriptors" (set when an accept failed for lack of one, listener.py) is cleared once the
+2. A side that sent FIN is not read any more, so its later reset is never reported by the loop; the
+   audit asks the kernel (TCP_INFO) about such sides and closes the pair as that side's reset. Without
+   this, a client that half-closed and then gave up would hold a slot while its target stays silent.
+3. "Out of descriptors" (set when an accept failed for lack of one, listener.py) is cleared once the
    process has headroom again, whether or not a client came since: readiness must not stay false on
    its own, or an orchestrator would keep traffic away for good.
-3. Nothing here runs per connection; one walk of the live pairs every AUDIT_SECONDS.
+4. Nothing here runs per connection; one walk of the live pairs every AUDIT_SECONDS.
 """
 
 from __future__ import annotations
@@ -62,7 +65,12 @@ class Audit:
 
     def run(self) -> int:
         """One audit; returns how many pairs it finished."""
-        stuck = {conn for conn in self.shared.connections if conn.stuck()}
+        stuck = set()
+        for conn in list(self.shared.connections):
+            if conn.stuck():
+                stuck.add(conn)
+            else:
+                conn.close_if_peer_gone()  # rule 2
         reaped = stuck & self._suspects
         for conn in reaped:
             conn.reap()

@@ -23,7 +23,7 @@ from relay import hints
 from relay.address import HostPort, UnixAddress, format_hostport, format_target
 from relay.config import Config, Route
 from relay.logs import RateLimited
-from relay.pump import Side, reset, set_socket_options
+from relay.pump import Side, reset, set_socket_options, tcp_closed
 from relay.stats import RouteStats
 from relay.upstream import ResolveError, Resolver, backoff_delays, classify
 
@@ -379,6 +379,16 @@ class Connection:
         self.client.lost = self.target.lost = True
         self.ctx.stats.reaped += 1
         self._finish()
+
+    def close_if_peer_gone(self) -> bool:
+        """A side that sent FIN is no longer read, so the loop never sees a reset that follows, and a
+        pair whose other end stays silent would hold its slot for good: ask the kernel, and close the
+        pair as that side's reset if its connection is over."""
+        for side in (self.client, self.target):
+            if side.eof and not side.lost and tcp_closed(side.transport):
+                self.close("client_reset" if side is self.client else "target_reset")
+                return True
+        return False
 
     # --- timers --------------------------------------------------------------------------------------------
 

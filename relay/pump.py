@@ -120,6 +120,28 @@ def set_socket_options(transport: asyncio.BaseTransport, *, keepalive: bool) -> 
         pass  # the socket was reset between accept and here; the read path reports it
 
 
+TCP_CLOSE = 7  # tcpi_state of a socket whose connection is over (linux/tcp_states.h)
+
+
+def tcp_closed(transport: asyncio.BaseTransport | None) -> bool:
+    """True when the kernel says the TCP connection under `transport` is over (reset by the peer).
+
+    Needed for a side that sent FIN: the loop stops reading it, so a reset that follows goes unseen.
+    One getsockopt; False for non-TCP sockets and wherever TCP_INFO is not available.
+    """
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if (
+        sock is None
+        or sock.family not in (socket.AF_INET, socket.AF_INET6)
+        or not hasattr(socket, "TCP_INFO")
+    ):
+        return False
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE)
+    except OSError:
+        return False
+
+
 def reset(transport: asyncio.Transport) -> None:
     """Close with RST rather than FIN, so the peer sees the failure the other side saw."""
     sock = transport.get_extra_info("socket")

@@ -20,7 +20,7 @@ import pytest
 from relay.address import HostPort
 from relay.audit import AUDIT_SECONDS
 from relay.health import MAX_CLIENTS
-from relay.pump import Side
+from relay.pump import TCP_CLOSE, Side, tcp_closed
 from tests.support import (
     RelayProcess,
     connect_when_ready,
@@ -262,5 +262,40 @@ def test_metrics_server_caps_its_own_connections(run: Run) -> None:
                 idle_writer.close()
             await wait_until(lambda: not health._clients)
             assert (await http_get(address, "/readyz"))[0] == 200
+
+    run(scenario())
+
+
+def test_a_client_that_resets_after_its_fin_frees_its_slot_at_the_next_audit(run: Run) -> None:
+    """Steps: the target reads the request to its end and never answers; a client sends the request,
+    half-closes (FIN), then gives up with a reset. The loop no longer reads a side that sent FIN, so it
+    never sees that reset and the pair would hold its slot (and the silent target's socket) for good.
+    The audit asks the kernel: the pair is closed as client_reset, and the target is reset too."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.setblocking(False)
+            async with relay(listener.getsockname()[1]) as server:
+                client = socket.socket()
+                client.setblocking(False)
+                await loop.sock_connect(client, ("127.0.0.1", port_of(server)))
+                await loop.sock_sendall(client, b"GET / HTTP/1.0\r\n\r\n")
+                client.shutdown(socket.SHUT_WR)
+                upstream, _ = await loop.sock_accept(listener)
+                with upstream:
+                    while await loop.sock_recv(upstream, 4096):
+                        pass  # the request, then the FIN the relay passed on
+                    (conn,) = server.connections
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+                    client.close()
+                    await wait_until(lambda: tcp_closed(conn.client.transport))  # the reset arrived
+                    assert conn in server.connections  # nothing but the audit would ever finish it
+                    server.audit.run()
+                    await wait_until(lambda: not server.connections)
+                    assert server.stats["test"].closed["client_reset"] == 1
+                    await wait_until(
+                        lambda: upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+                    )
 
     run(scenario())
