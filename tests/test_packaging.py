@@ -95,14 +95,14 @@ def test_wheel_metadata_has_readme_classifiers_urls_licence_and_entry_point(dist
 
 
 def test_wheel_installs_into_a_fresh_venv_and_relay_runs(dist: Path, tmp_path: Path) -> None:
-    """Steps: a venv without pip; this venv's pip installs the wheel (and its dependencies) into it;
-    its `relay --version` prints the project's version and `relay --help` exits 0."""
-    wheel = next(dist.glob("*.whl"))
+    """Steps: a venv without pip; this venv's pip installs relay-sidecar into it from the folder holding
+    the wheel (`--find-links`, as the README says; dependencies from the index); its `relay --version`
+    prints the project's version and `relay --help` exits 0."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-         "--disable-pip-version-check", str(wheel)],
+         "--disable-pip-version-check", "--find-links", str(dist), f"relay-sidecar=={_project()['version']}"],
         capture_output=True,
         text=True,
         timeout=240,
