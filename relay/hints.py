@@ -66,6 +66,10 @@ SOCKET_DENIED = (
     '(user: "999:999" on the relay service) or add the owning group (group_add: ["999"], the number '
     "from `stat -c %g {path}` on the host)"
 )
+SOCKET_BUSY = (
+    "{path} accepted no connection within the connect timeout: its listen backlog stayed full (the "
+    "service accepts connections more slowly than they come, or has stopped accepting)"
+)
 SOCKET_REFUSED = (
     "{path} exists but nothing accepts connections on it: a stale socket file, the host service is down "
     "(or restarting); start it, and the relay connects again on the next connection"
@@ -75,7 +79,13 @@ SOCKET_REFUSED = (
 def for_socket(reason: str, target: str) -> str | None:
     """The hint for a failed connect to a socket file target (`unix:PATH`)."""
     path = target.partition(":")[2]
-    text = {"missing": SOCKET_MISSING, "denied": SOCKET_DENIED, "refused": SOCKET_REFUSED}.get(reason)
+    texts = {
+        "missing": SOCKET_MISSING,
+        "denied": SOCKET_DENIED,
+        "refused": SOCKET_REFUSED,
+        "timeout": SOCKET_BUSY,
+    }
+    text = texts.get(reason)
     return text.format(path=path) if text is not None else None
 
 

@@ -19,7 +19,11 @@ Rules of the Resolver (name resolution never sits on a connection's path):
 5. The first answer and each change of address are logged once; lookups are counted by name and result
    (ok, failed, timeout).
 6. A socket file (`unix:PATH`, UnixTarget) is its own answer like a literal, and connects by its path:
-   the target object knows how it is reached (`open`), so connections never ask which kind it is.
+   the target object knows how it is reached (`open`), so connections never ask which kind it is. A
+   socket file connects at once or not at all; when its listen backlog is full (EAGAIN) the connect is
+   asked again, 1 ms then doubling up to 50 ms apart, until the connect timeout, as TCP's SYN retries
+   wait for a full backlog. (asyncio's own connect takes that EAGAIN for "in progress" and hands over
+   a socket that never connected.)
 """
 
 from __future__ import annotations
@@ -415,8 +419,36 @@ class UnixTarget(Resolver):
         addresses: tuple[str, ...],
         port: int,
     ) -> asyncio.BaseTransport:
-        transport, _ = await loop.create_unix_connection(factory, addresses[0][len(UNIX) :])
+        sock = await connect_unix(addresses[0][len(UNIX) :])
+        try:
+            transport, _ = await loop.create_unix_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         return transport
+
+
+BUSY_FIRST, BUSY_MAX = 0.001, 0.05  # waits between connects to a socket file whose backlog is full
+
+
+async def connect_unix(path: str) -> socket.socket:
+    """A connected socket to the socket file `path` (rule 6); a full backlog is waited out, bounded by
+    the caller's connect timeout."""
+    delay = BUSY_FIRST
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BUSY_MAX)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
 
 def target_for(target: str, family: Family = "any", **kwargs: Any) -> Resolver:

@@ -545,6 +545,60 @@ def test_socket_target_failures_are_counted_and_hinted(
     assert f"to-socket: cannot connect to unix:{path} ({case}:" in line and hint in line
 
 
+def test_a_full_backlog_is_waited_out_then_times_out(
+    run: Run, sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Steps: the target socket file's listen backlog is full (a server that does not accept; its one slot
+    taken); a client through the relay waits while the relay asks again, and is served once the server
+    accepts; with the slot taken again and never freed, the next client ends at the connect timeout,
+    counted as `timeout` and hinted as a full backlog (not a firewall). Both loops: asyncio's own unix
+    connect would take the EAGAIN for "in progress" and hand over a socket that never connected."""
+    path = sockdir / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(0)  # Linux queues backlog + 1 connections: one slot
+    listener.setblocking(False)
+    held = [socket.socket(socket.AF_UNIX)]
+    held[0].connect(str(path))  # takes the slot
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with relay_of(to_socket(path), connect_timeout=0.5) as server:
+            port = server.listeners[0].address.port
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"waited")
+            await wait_until(lambda: len(server.connections) == 1)
+            for _ in range(2):  # the first holder, then the relay's connect that was waiting for the slot
+                conn, _ = await loop.sock_accept(listener)
+                held.append(conn)
+            conn.setblocking(False)
+            got = b""
+            while len(got) < 6 and (data := await loop.sock_recv(conn, 6 - len(got))):
+                got += data
+            assert got == b"waited"
+            conn.close()
+            writer.close()
+            await wait_until(lambda: not server.connections)
+            held.append(socket.socket(socket.AF_UNIX))
+            held[-1].connect(str(path))  # the slot is taken again, for good
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read(-1) == b""
+            writer.close()
+            await wait_until(lambda: not server.connections)
+            errors = server.stats["to-socket"].connect_errors
+            assert (errors["timeout"], errors.total()) == (1, 1)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="relay"):
+            run(main())
+    finally:
+        for sock in (*held, listener):
+            sock.close()
+    (line,) = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert "(timeout:" in line and "listen backlog stayed full" in line
+
+
 def test_metrics_readiness_and_reload_of_socket_routes(run: Run, sockdir: Path) -> None:
     """Steps: a relay with a socket listener and a socket target serves /readyz 200 and labels its
     listener by path; a missing target is counted as `missing`; a reload that swaps the socket
