@@ -17,7 +17,8 @@
 #  4. The topology runs in a network namespace of its own (`ip netns add`, entered with nsenter, which
 #     changes nothing else): the CNI bridge, its firewall rules and the "host" services
 #     (tests/docker/host_services.py on 0.0.0.0) all live there, so the host's firewall is never
-#     written. For each layout (a pod; --network container:app): the relay logs ready and that it uses
+#     written. For each layout (a pod; --network container:app; tests/podman/compose.yaml through PyPI's
+#     podman-compose, installed into the run's own venv): the relay logs ready and that it uses
 #     host.containers.internal (Debian's Podman 4.3 has no host.docker.internal), `podman healthcheck run`
 #     (the image's HEALTHCHECK) passes, `relay healthcheck` (/readyz) answers, the app's echo and
 #     half-close through localhost over 127.0.0.1 and ::1 reach the host (tests/docker/app_client.py),
@@ -32,6 +33,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE=$REPO/tests/podman
 DOCKER_HERE=$REPO/tests/docker
 CACHE_DIR=${RELAY_TEST_CACHE:-/var/cache/relay-sidecar} # read by base_image
 export CACHE_DIR
@@ -179,10 +181,12 @@ clean_run_dir() { # everything the run folder $1 left, whether or not its script
         local CONTAINERS_REGISTRIES_CONF=$dir/conf/registries.conf
         export CONTAINERS_CONF CONTAINERS_STORAGE_CONF CONTAINERS_REGISTRIES_CONF
         if [ -e "/run/netns/$NAME" ]; then # CNI's teardown in the namespace the network lives in
-            # Relays first: a container that others join cannot go before them.
-            inns_t 60 podman rm -f -t 1 --filter "name=$NAME-.*-relay" -a > /dev/null 2>&1 || true
+            # A container that others joined goes only after them: a few passes.
             inns_t 60 podman pod rm -f -t 1 -a > /dev/null 2>&1 || true
-            inns_t 60 podman rm -f -t 1 -a > /dev/null 2>&1 || true
+            for i in 1 2 3; do
+                [ -z "$(podman ps -aq 2> /dev/null)" ] && break
+                inns_t 60 podman rm -f -t 1 -a > /dev/null 2>&1 || true
+            done
             inns_t 60 podman network rm -f "$NAME" > /dev/null 2>&1 || true
         fi
     fi
@@ -307,6 +311,17 @@ check_image_config() {
 # ---------------------------------------------------------------------------------------------------
 # The topology
 
+# PyPI's podman-compose (1.6 or newer runs network_mode "service:app"; Debian's 1.0.3 does not), in a venv
+# of the run's own, made by this project's venv's pip.
+install_compose() {
+    local venv=$RUN/compose-venv
+    COMPOSE=$venv/bin/podman-compose
+    "$PY" -m venv --without-pip "$venv" &&
+        timeout 120 "$PY" -m pip --python "$venv/bin/python" install -q --disable-pip-version-check \
+            'podman-compose>=1.6' > "$RUN/compose-install.log" 2>&1 &&
+        log "$("$COMPOSE" --version 2> /dev/null | head -1)"
+}
+
 wait_for_log() { # wait_for_log CONTAINER TEXT SECONDS
     local i
     for ((i = 0; i < $3 * 10; i++)); do
@@ -342,8 +357,11 @@ start_host_services() { # the "host" services in the test's namespace, on every 
 RELAY_OPTS=(--read-only --cap-drop ALL --security-opt no-new-privileges --health-interval disable
     -e "RELAY_PORTS=8000 5432:5433")
 
-start_layout() { # start_layout pod|container APP RELAY (called in a condition: set -e is off here)
-    if [ "$1" = pod ]; then
+start_layout() { # start_layout pod|container|compose APP RELAY (called in a condition: set -e is off here)
+    if [ "$1" = compose ]; then
+        RELAY_TEST_BASE_IMAGE=$BASE_IMAGE RELAY_TEST_IMAGE=$RELAY_IMAGE RELAY_TEST_DNS=$GATEWAY \
+            inns_t 120 "$COMPOSE" -p "$NAME" -f "$HERE/compose.yaml" up -d || return 1
+    elif [ "$1" = pod ]; then
         inns podman pod create --name "$NAME-pod" --network "$NAME" --dns "$GATEWAY" || return 1
         inns podman run -d --pull=never --pod "$NAME-pod" --name "$2" --init "$BASE_IMAGE" sleep infinity || return 1
         inns podman run -d --pull=never --pod "$NAME-pod" --name "$3" "${RELAY_OPTS[@]}" "$RELAY_IMAGE" || return 1
@@ -353,8 +371,9 @@ start_layout() { # start_layout pod|container APP RELAY (called in a condition: 
     fi
 }
 
-layout() { # layout pod|container: the app and the relay sharing one network namespace, then checks
+layout() { # layout pod|container|compose: the app and the relay sharing one network namespace, then checks
     local how=$1 app=$NAME-$1-app relay=$NAME-$1-relay output t0 t1 code
+    if [ "$how" = compose ]; then app=${NAME}_app_1 relay=${NAME}_relay_1; fi
     log "layout: $how"
     if ! start_layout "$how" "$app" "$relay" > "$RUN/$how.run.log" 2>&1; then
         fail "$how: podman pod create / run" "$(cat "$RUN/$how.run.log")"
@@ -397,7 +416,10 @@ $(relay_logs "$relay")"
         fail "$how: podman stop of the relay: $((t1 - t0)) ms, exit code $code (limit $STOP_LIMIT_MS ms, exit 0)" "$(relay_logs "$relay")"
     fi
     inns podman rm -f -t 1 "$relay" > /dev/null 2>&1
-    if [ "$how" = pod ]; then
+    if [ "$how" = compose ]; then
+        RELAY_TEST_BASE_IMAGE=$BASE_IMAGE RELAY_TEST_IMAGE=$RELAY_IMAGE RELAY_TEST_DNS=$GATEWAY \
+            inns_t 120 "$COMPOSE" -p "$NAME" -f "$HERE/compose.yaml" down -t 1 > /dev/null 2>&1
+    elif [ "$how" = pod ]; then
         inns podman pod rm -f -t 1 "$NAME-pod" > /dev/null 2>&1
     else
         inns podman rm -f -t 1 "$app" > /dev/null 2>&1
@@ -451,6 +473,12 @@ main() {
     start_host_services 8000 5433
     layout container
     layout pod
+    if install_compose; then
+        layout compose
+    else
+        echo "SKIP compose: podman-compose >= 1.6 could not be installed from the package index:"
+        tail -3 "$RUN/compose-install.log" | sed 's/^/    /'
+    fi
 }
 
 trap cleanup EXIT
