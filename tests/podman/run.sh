@@ -379,6 +379,7 @@ layout() { # layout pod|container|compose: the app and the relay sharing one net
         fail "$how: podman pod create / run" "$(cat "$RUN/$how.run.log")"
         return 0
     fi
+    log "$how: rules CNI wrote in the test's namespace: $(inns iptables-save 2> /dev/null | grep -c '^-A' || true); on the host: $(iptables-save 2> /dev/null | grep -c '^-A' || true)"
     if ! wait_for_log "$relay" "ready: relay" 20; then
         fail "$how: relay never logged ready" "$(relay_logs "$relay")"
         return 0
