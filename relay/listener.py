@@ -10,9 +10,10 @@ Rules of the accept loop (ours, not the event loop's):
    leaves the client waiting; uvloop (libuv) silently accepts and closes it. One descriptor is held in
    reserve for this: released to accept the client, then taken again.
 2. At most ACCEPT_BATCH accepts per wake-up, so a flood of new clients cannot starve the open ones.
-3. Every accepted socket ends up either handed to the loop as a transport (the connection then owns
-   it) or closed here. The tasks that hand sockets over are tracked; they end within a loop turn or two
-   and are not cancelled (a cancelled hand-over would orphan its socket).
+3. Every accepted socket is given to the route's `take` in a task of its own, which owns it from then
+   on: it makes the transport (or closes the socket) and goes on with the connection's work in the same
+   task. The listener tracks these tasks and never cancels them (a cancelled hand-over would orphan its
+   socket); the connection may, once its transport exists.
 
 Socket files (a UnixAddress in a route's listen addresses) use the same Listener and accept loop:
 4. The file is made with the asked mode (the umask is set for the bind, so it never exists with other
@@ -30,8 +31,9 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.address import HostPort, UnixAddress
 from relay.config import Route
@@ -86,7 +88,7 @@ class Listener:
     route: Route
     address: HostPort | UnixAddress  # as bound: the real port when 0 was asked for
     sock: socket.socket
-    factory: Callable[[], asyncio.BaseProtocol]
+    take: Callable[[socket.socket], Coroutine[Any, Any, None]]
     on_fd_limit: Callable[[OSError], None]
     reserve: Reserve
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
@@ -94,6 +96,10 @@ class Listener:
     _retry: asyncio.TimerHandle | None = None
     closed: bool = False
     socket_file: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) of the file bound (rule 5)
+    _kind: tuple[int, int] = (0, 0)  # the family and type of accepted sockets, as plain ints
+
+    def __post_init__(self) -> None:
+        self._kind = (int(self.sock.family), int(self.sock.type))
 
     def start(self) -> None:
         self.loop.add_reader(self.sock.fileno(), self._accept)
@@ -111,10 +117,12 @@ class Listener:
             remove_socket_file(*self.socket_file)
 
     def _accept(self) -> None:
-        loop, factory = self.loop, self.factory
+        loop, take, (family, kind) = self.loop, self.take, self._kind
         for _ in range(ACCEPT_BATCH):  # rule 2
             try:
-                conn, _ = self.sock.accept()
+                # accept() without its wrapper, which spends ~4 µs of its ~9 turning the family and
+                # type into enums for the new socket (issue 13, docs/benchmarks.md).
+                fd, _ = self.sock._accept()  # type: ignore[attr-defined]  # CPython's own, under accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as err:
@@ -124,17 +132,11 @@ class Listener:
                     log.warning("%s: accept on %s failed: %s", self.route.name, self.address, err)
                     self._pause()
                 return
+            conn = socket.socket(family, kind, 0, fd)
             conn.setblocking(False)
-            task = loop.create_task(self._hand_over(conn, factory))
+            task = loop.create_task(take(conn))
             self._handing.add(task)
             task.add_done_callback(self._handing.discard)
-
-    async def _hand_over(self, conn: socket.socket, factory: Callable[[], asyncio.BaseProtocol]) -> None:
-        try:
-            await self.loop.connect_accepted_socket(factory, conn)
-        except OSError as err:  # the client left between accept and here
-            conn.close()
-            log.debug("%s: a client left before it was taken over: %s", self.route.name, err)
 
     def _out_of_descriptors(self, err: OSError) -> None:
         """Rule 1: accept the waiting client on the reserve descriptor and reset it, one per call."""
@@ -189,7 +191,7 @@ def bind(host: str, port: int, *, backlog: int, reuseport: bool) -> socket.socke
 
 def open_route(
     route: Route,
-    factory: Callable[[], asyncio.BaseProtocol],
+    take: Callable[[socket.socket], Coroutine[Any, Any, None]],
     *,
     backlog: int,
     reuseport: bool,
@@ -207,7 +209,7 @@ def open_route(
         for want in route.listen:
             if isinstance(want, UnixAddress):
                 sock, socket_file = bind_unix(route, want, backlog=backlog)
-                listener = Listener(route, want, sock, factory, on_fd_limit, reserve, socket_file=socket_file)
+                listener = Listener(route, want, sock, take, on_fd_limit, reserve, socket_file=socket_file)
                 listener.start()
                 listeners.append(listener)
                 continue
@@ -224,7 +226,7 @@ def open_route(
                 ) from None
             bound = HostPort(want.host, sock.getsockname()[1])
             chosen_port = chosen_port or bound.port
-            listener = Listener(route, bound, sock, factory, on_fd_limit, reserve)
+            listener = Listener(route, bound, sock, take, on_fd_limit, reserve)
             listener.start()
             listeners.append(listener)
     except BaseException:

@@ -162,7 +162,7 @@ class Server:
         )
         listeners = open_route(
             route,
-            lambda: Connection(ctx).client,
+            lambda sock: Connection(ctx).take(sock),
             backlog=self.config.backlog,
             reuseport=self.config.reuseport,
             skipped=self.skipped_hosts,
