@@ -372,7 +372,7 @@ start_layout() { # start_layout pod|container|compose APP RELAY (called in a con
 }
 
 layout() { # layout pod|container|compose: the app and the relay sharing one network namespace, then checks
-    local how=$1 app=$NAME-$1-app relay=$NAME-$1-relay output t0 t1 code
+    local how=$1 app=$NAME-$1-app relay=$NAME-$1-relay output t0 t1 code address
     if [ "$how" = compose ]; then app=${NAME}_app_1 relay=${NAME}_relay_1; fi
     log "layout: $how"
     if ! start_layout "$how" "$app" "$relay" > "$RUN/$how.run.log" 2>&1; then
@@ -398,6 +398,17 @@ layout() { # layout pod|container|compose: the app and the relay sharing one net
         pass "$how: relay healthcheck (/readyz) exits 0: ${output:0:40}..."
     else
         fail "$how: relay healthcheck inside the relay container" "$output"
+    fi
+    # What compose-examples/prometheus relies on: /metrics answers on the app's address, port 9464.
+    address=$(podman inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$app")
+    if [ "$how" = pod ]; then
+        address=$(podman inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$(podman pod inspect -f '{{.InfraContainerID}}' "$NAME-pod")")
+    fi
+    if output=$(inns_t 20 "$PY" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+        "http://$address:9464/metrics" 2>&1) && [[ $output == *relay_build_info* ]]; then
+        pass "$how: /metrics answers on the app's address $address:9464 (where Prometheus scrapes it)"
+    else
+        fail "$how: /metrics on $address:9464" "${output:0:500}"
     fi
     if output=$(inns_t 90 podman exec -i "$app" python3 - 4:8000:8000 6:8000:8000 4:5432:5433 6:5432:5433 \
         < "$DOCKER_HERE/app_client.py" 2>&1); then
