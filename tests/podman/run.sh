@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Podman engine test of relay-sidecar: the image built by Podman, and the sidecar topology run by
-# Podman both as a pod and with `--network container:<app>`. Linux, as root. Run by scripts/podman-test;
+# Podman as a pod, with `--network container:<app>` and through podman-compose. Linux, as root. Run by scripts/podman-test;
 # prints `podman: N passed, M failed` last and exits non-zero when anything failed.
 #
 # Steps:
@@ -20,7 +20,8 @@
 #     written. For each layout (a pod; --network container:app; tests/podman/compose.yaml through PyPI's
 #     podman-compose, installed into the run's own venv): the relay logs ready and that it uses
 #     host.containers.internal (Debian's Podman 4.3 has no host.docker.internal), `podman healthcheck run`
-#     (the image's HEALTHCHECK) passes, `relay healthcheck` (/readyz) answers, the app's echo and
+#     (the image's HEALTHCHECK) passes, `relay healthcheck` (/readyz) answers, /metrics answers on the
+#     app's address port 9464 (where compose-examples/prometheus scrapes it), the app's echo and
 #     half-close through localhost over 127.0.0.1 and ::1 reach the host (tests/docker/app_client.py),
 #     and `podman stop` of the relay takes well under a second with exit code 0.
 #  5. On exit, whatever happened: containers, pods and the network removed, processes of the run stopped,
