@@ -262,7 +262,10 @@ def _traffic_loop(
             conn.sendall(chunk)
             got = 0
             while got < len(chunk):
-                got += len(conn.recv(len(chunk) - got))
+                data = conn.recv(len(chunk) - got)
+                if not data:
+                    raise ConnectionError(f"the relay closed the long-lived connection after {got} bytes")
+                got += len(data)
             counts["bytes"] += len(chunk)
             tick += 1
             if tick % 4:
@@ -286,12 +289,12 @@ def _traffic_loop(
 
 def test_a_real_prometheus_scrapes_a_running_relay(tmp_path: Path) -> None:
     """Steps: echo targets (TCP, UDP) and a refusing one (a bound socket that does not listen); a relay
-    with four routes to them; Prometheus scraping it every second with relay-alerts.yml loaded; traffic
-    through the relay. Then, through the API: the scrape is up, bytes flow (rate > 0), one connection
-    is open on the long-lived route, a connect-latency quantile is a loopback-sized number, UDP
-    datagrams and a session show, the target-unreachable alert is pending for the refusing route and
-    no other alert is; every rule evaluates cleanly; every metric name the rules and the dashboard use
-    is in the scrape. When the traffic stops, the open-connection gauge falls to 0."""
+    with five routes (one to a name, for the lookup counter); Prometheus scraping it every second with
+    relay-alerts.yml loaded; traffic through the relay. Then, through the API: the scrape is up, bytes
+    flow (rate > 0), one connection is open on the long-lived route, a connect-latency quantile is a
+    loopback-sized number, UDP datagrams and a session show, the target-unreachable alert is pending for
+    the refusing route and no other alert is; every rule evaluates cleanly; every metric name the rules
+    and the dashboard use is in the scrape. When the traffic stops, the open-connection gauge falls to 0."""
     if shutil.which("prometheus") is None:
         pytest.skip(
             "prometheus is not installed (Debian package prometheus; scripts/test installs it as root)"
