@@ -25,7 +25,7 @@ RUN command -v strip > /dev/null \
     || { apt-get update && apt-get install --yes --no-install-recommends binutils; }
 WORKDIR /src
 RUN python3 -m venv /opt/relay
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY relay ./relay
 # Install the project (and so its dependencies), then drop the installer from the venv: the final stage
 # never installs anything. pip byte-compiles what it installs, so a read-only root loses nothing.
