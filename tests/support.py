@@ -21,10 +21,16 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 @contextlib.asynccontextmanager
 async def relay(
-    target_port: int, *, listen: tuple[str, ...] = ("127.0.0.1",), target: str = "127.0.0.1", **settings: Any
+    target_port: int,
+    *,
+    listen: tuple[str, ...] = ("127.0.0.1",),
+    target: str = "127.0.0.1",
+    protocol: str = "tcp",
+    name: str = "test",
+    **settings: Any,
 ) -> AsyncIterator[Server]:
-    """A relay with one route from `listen` (port 0) to target:target_port; drained on exit."""
-    route = Route("test", tuple(HostPort(host, 0) for host in listen), target, target_port)
+    """A relay with one route `name` from `listen` (port 0) to target:target_port; drained on exit."""
+    route = Route(name, tuple(HostPort(host, 0) for host in listen), target, target_port, protocol)
     settings.setdefault("drain_timeout", 1.0)
     settings.setdefault("metrics", None)
     server = Server(Config(routes=(route,), **settings))
@@ -40,8 +46,11 @@ def port_of(server: Server) -> int:
 
 
 @contextlib.asynccontextmanager
-async def tcp_server(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
-    """An asyncio stream server; on exit every open connection is aborted and its handler awaited."""
+async def tracked_server(
+    handler: Handler, start: Callable[[Handler], Awaitable[asyncio.Server]]
+) -> AsyncIterator[asyncio.Server]:
+    """A stream server made by `start(callback)`; on exit every open connection is aborted and its
+    handler awaited."""
     open_writers: set[asyncio.StreamWriter] = set()
     done: set[asyncio.Future[None]] = set()
 
@@ -58,9 +67,9 @@ async def tcp_server(handler: Handler, host: str = "127.0.0.1", port: int = 0) -
             open_writers.discard(writer)
             finished.set_result(None)
 
-    server = await asyncio.start_server(tracked, host, port)
+    server = await start(tracked)
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield server
     finally:
         server.close()
         for writer in list(open_writers):
@@ -68,6 +77,13 @@ async def tcp_server(handler: Handler, host: str = "127.0.0.1", port: int = 0) -
         if done:
             await asyncio.wait(done, timeout=5)
         await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def tcp_server(handler: Handler, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
+    """An asyncio stream server on host:port (0: any free port); yields the port."""
+    async with tracked_server(handler, lambda cb: asyncio.start_server(cb, host, port)) as server:
+        yield server.sockets[0].getsockname()[1]
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -24,7 +24,7 @@ from relay.config import Config, ConfigError, Raw, Route, load
 from relay.health import readiness
 from relay.server import Server
 from relay.udp import EARLY_DATAGRAMS, LIMIT_PROBLEM
-from tests.support import echo, scrape, tcp_server, value, wait_until
+from tests.support import echo, relay, scrape, tcp_server, value, wait_until
 
 Run = Callable[..., Any]
 MAX_IPV4 = 65507  # 65535 - 20 (IPv4 header) - 8 (UDP header)
@@ -219,19 +219,9 @@ async def udp_peer(
         transport.close()
 
 
-@contextlib.asynccontextmanager
-async def udp_relay(
-    target_port: int, *, listen: tuple[str, ...] = ("127.0.0.1",), target: str = "127.0.0.1", **settings: Any
-) -> AsyncIterator[Server]:
-    route = Route("dns", tuple(HostPort(h, 0) for h in listen), target, target_port, "udp")
-    settings.setdefault("drain_timeout", 1.0)
-    settings.setdefault("metrics", None)
-    server = Server(Config(routes=(route,), **settings))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.drain()
+def udp_relay(target_port: int, **settings: Any) -> contextlib.AbstractAsyncContextManager[Server]:
+    """A relay with one UDP route `dns` from 127.0.0.1 (port 0) to the target; drained on exit."""
+    return relay(target_port, protocol="udp", name="dns", **settings)
 
 
 def udp_port(server: Server) -> int:

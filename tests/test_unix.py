@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +29,20 @@ from relay.config import Config, ConfigError, Route, load
 from relay.listener import ListenError
 from relay.server import Server
 from tests.support import (
+    Handler,
     RelayProcess,
     echo,
     exchange,
     free_port_block,
     scrape,
     tcp_server,
+    tracked_server,
     value,
     wait_until,
 )
 from tests.test_lifecycle import readyz
 
 Run = Callable[..., Any]
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 
 
 # --- parsing: port items, YAML routes, socat argv -------------------------------------------------------
@@ -252,34 +253,10 @@ def sockdir() -> Iterator[Path]:
 @contextlib.asynccontextmanager
 async def unix_server(handler: Handler, path: Path) -> AsyncIterator[Path]:
     """An asyncio stream server on a socket file; on exit its connections are aborted and awaited."""
-    writers: set[asyncio.StreamWriter] = set()
-    done: set[asyncio.Future[None]] = set()
-
-    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
-        finished = asyncio.get_running_loop().create_future()
-        done.add(finished)
-        try:
-            await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            writers.discard(writer)
-            finished.set_result(None)
-
-    server = await asyncio.start_unix_server(tracked, str(path))
-    try:
+    async with tracked_server(handler, lambda cb: asyncio.start_unix_server(cb, str(path))):
         yield path
-    finally:
-        server.close()
-        for writer in list(writers):
-            writer.transport.abort()
-        if done:
-            await asyncio.wait(done, timeout=5)
-        await server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 @contextlib.asynccontextmanager
