@@ -168,24 +168,24 @@ class Connection:
     async def take(self, sock: socket.socket) -> None:
         """The pair's one task (listener.py rule 3): make the client's transport, which registers the
         pair (`_accepted`), then connect in the same task (a second task cost ~10 µs a connection)."""
+        loop = asyncio.get_running_loop()  # once: each call is a getpid() system call on Python 3.11
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(self._client_side, sock)
+            await loop.connect_accepted_socket(self._client_side, sock)
         except OSError as err:  # the client left between accept and here
             sock.close()
             log.debug("%s: a client left before it was taken over: %s", self.ctx.route.name, err)
             return
         if self.reason is not None or self.client.lost:
             return  # refused (limit, drain), or gone meanwhile: nothing to connect for
-        self.task = asyncio.current_task()
-        await self._connect()
+        self.task = asyncio.current_task(loop)
+        await self._connect(loop)
 
     def _client_side(self) -> Side:
         return self.client
 
-    async def _connect(self) -> None:
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
         ctx = self.ctx
         config = ctx.shared.config
-        loop = asyncio.get_running_loop()
         delays = backoff_delays(config.connect_retry) if config.connect_retry else iter(())
         while True:
             try:
