@@ -226,12 +226,13 @@ def render(
     if "relay" in names:
         targets, missed = report.targets_table(med)
         lines += [
-            "## Targets (issue 5, loopback, ratios from this run)",
+            "## Targets (issue 13, ratios from this run)",
             "",
             *targets,
             "",
             (
-                f"{missed} target(s) missed; what was tried, with numbers, is under *Pump experiments* below."
+                f"{missed} target(s) missed; what was tried, with numbers, and where the time goes are under "
+                "*Speed work* below."
                 if missed
                 else "Every target met."
             ),
@@ -296,9 +297,10 @@ def render(
         *(f"| {k} | {v} |" for k, v in machine),
         "",
     ]
-    findings = REPO / "bench" / "experiments" / "FINDINGS.md"
-    if findings.exists():  # the pump experiments: kept by hand, carried into every report
-        lines += [findings.read_text().rstrip(), ""]
+    for name in ("SPEED.md", "FINDINGS.md"):  # speed work (issue 13), pump experiments: kept by hand
+        findings = REPO / "bench" / "experiments" / name
+        if findings.exists():
+            lines += [findings.read_text().rstrip(), ""]
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     failed = [r for r in records if r.error]
