@@ -36,6 +36,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$REPO/tests/podman
 DOCKER_HERE=$REPO/tests/docker
+# shellcheck source=tests/engine-lib.sh
+. "$REPO/tests/engine-lib.sh"
 CACHE_DIR=${RELAY_TEST_CACHE:-/var/cache/relay-sidecar} # read by base_image
 export CACHE_DIR
 SUBNET=${RELAY_PODMAN_SUBNET:-10.89.213.0/24}
@@ -56,33 +58,13 @@ CNI_STATE=/var/lib/cni/networks/$NAME
 RUN_CONTAINERS_EXISTED=0
 LIBPOD_CGROUPS_EXISTED=0
 
-log() { printf '== [%3d s] %s\n' "$(($(date +%s) - RUN_STARTED))" "$*"; }
-pass() { passed=$((passed + 1)); printf 'PASS %s\n' "$1"; }
-fail() {
-    failed=$((failed + 1))
-    printf 'FAIL %s\n' "$1"
-    if [ $# -gt 1 ]; then printf '%s\n' "$2" | sed 's/^/    /'; fi
-}
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
-
 if [ "$(uname -s)" != Linux ] || [ "$(id -u)" -ne 0 ]; then
     echo "podman: skipped: the Podman engine test needs root on Linux"
     exit 0
 fi
 
-# Shared with the Docker test, read from its file rather than copied: the base image (apt_mirror,
-# host_pip_index, base_image: cache key, debootstrap, import, save) and the process helpers. Here
-# `docker` is podman: load, import -c, save -o and image inspect take the same arguments.
-shared_functions() {
-    local name
-    for name in alive stop_pid pids_using firewall_rules apt_mirror host_pip_index base_image; do
-        sed -n "/^$name() {/,/^}/p" "$DOCKER_HERE/run.sh"
-    done
-}
-eval "$(shared_functions)"
-for fn in alive stop_pid pids_using firewall_rules apt_mirror host_pip_index base_image; do
-    declare -F "$fn" > /dev/null || { echo "podman: tests/docker/run.sh no longer defines $fn()" >&2; exit 1; }
-done
+# Shared with the Docker test (tests/engine-lib.sh): reporting, process helpers and the base image.
+# Here `docker` is podman: load, import -c, save -o and image inspect take the same arguments.
 docker() { podman "$@"; }
 
 install_missing() {
