@@ -29,7 +29,7 @@ frontend relay
     bind 127.0.0.1:{listen}
     default_backend target
 backend target
-    server target {host}:{port}
+    server target {server}
 """
 
 
@@ -70,7 +70,7 @@ class Subject:
             return ["socat", f"tcp-listen:{listen},fork,reuseaddr", f"tcp-connect:{host}:{port}"]
         if self.kind == "haproxy":
             conf = workdir / f"haproxy-{listen}.cfg"
-            conf.write_text(HAPROXY_CONF.format(listen=listen, host=host, port=port))
+            conf.write_text(HAPROXY_CONF.format(listen=listen, server=f"{host}:{port}"))
             return ["haproxy", "-db", "-f", str(conf)]
         if self.kind == "proto":
             return [

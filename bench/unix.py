@@ -37,6 +37,7 @@ from pathlib import Path
 
 from bench import proc
 from bench.harness import Record
+from bench.subjects import HAPROXY_CONF
 
 REPO = Path(__file__).resolve().parent.parent
 DOWN, UP, RTT, CONNS = "unix_down", "unix_up", "unix_rtt", "unix_conns"
@@ -73,21 +74,6 @@ http {{
 }}
 """
 
-HAPROXY_CONF = """\
-global
-    maxconn 9000
-defaults
-    mode tcp
-    maxconn 9000
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-frontend relay
-    bind 127.0.0.1:{listen}
-    default_backend target
-backend target
-    server target {server}
-"""
 
 
 @dataclass(frozen=True)
