@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         subs.append(dataclasses.replace(s, python=args.python))
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]  # none: UDP only
     started = time.time()
+    load_before = os.getloadavg()[0]  # other work on the machine moves every figure: say how much
     out_dir = REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             with netns.veth_topology() as topo:
                 harness.run_interleaved(ns_subs, nw, topo, args.reps, args.seconds, workdir, log)
     elapsed = time.time() - started
+    notes.append(
+        f"Load average (1 min) on {os.cpu_count()} cores: {load_before:.2f} at the start of the run, "
+        f"{os.getloadavg()[0]:.2f} at the end (the run itself keeps about 2 busy)."
+    )
     errors = [r for r in records if r.error]
     if left := proc.leftovers():
         print(f"bench: processes left running: {left}", file=sys.stderr)
