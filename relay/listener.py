@@ -132,8 +132,7 @@ class Listener:
                     log.warning("%s: accept on %s failed: %s", self.route.name, self.address, err)
                     self._pause()
                 return
-            conn = socket.socket(family, kind, 0, fd)
-            conn.setblocking(False)
+            conn = socket.socket(family, kind, 0, fd)  # both loops make it non-blocking when they take it
             task = loop.create_task(take(conn))
             self._handing.add(task)
             task.add_done_callback(self._handing.discard)
