@@ -75,7 +75,6 @@ http {{
 """
 
 
-
 @dataclass(frozen=True)
 class Server:
     """One kind of server on a socket file and on 127.0.0.1:port."""
