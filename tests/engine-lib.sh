@@ -101,3 +101,10 @@ base_image() {
     rm -f "$CACHE_DIR"/base-*.tar
     docker save -o "$tar.partial" "$BASE_IMAGE" && mv "$tar.partial" "$tar"
 }
+
+apt_install() { # the Debian packages named, if any (the engine tests run as root)
+    [ $# -gt 0 ] || return 0
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq --no-install-recommends "$@" > /dev/null
+}

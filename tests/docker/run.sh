@@ -91,12 +91,7 @@ install_missing() {
     if ! docker compose version > /dev/null 2>&1 && ! command -v docker-compose > /dev/null; then
         want+=(docker-compose)
     fi
-    if [ ${#want[@]} -gt 0 ]; then
-        log "installing ${want[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        timeout 300 apt-get update -qq
-        timeout 300 apt-get install -y -qq --no-install-recommends "${want[@]}" > /dev/null
-    fi
+    apt_install "${want[@]}"
 }
 
 # Which Compose: the v2 plugin when the docker CLI has it, else docker-compose (Debian's is v1).

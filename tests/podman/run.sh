@@ -75,12 +75,7 @@ install_missing() {
     command -v nsenter > /dev/null || want+=(util-linux)
     command -v ip > /dev/null || want+=(iproute2)
     command -v pgrep > /dev/null || want+=(procps)
-    if [ ${#want[@]} -gt 0 ]; then
-        log "installing ${want[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        timeout 300 apt-get update -qq
-        timeout 300 apt-get install -y -qq --no-install-recommends "${want[@]}" > /dev/null
-    fi
+    apt_install "${want[@]}"
 }
 
 # ---------------------------------------------------------------------------------------------------
