@@ -470,6 +470,29 @@ def test_a_target_that_is_down_then_comes_back(run: Run) -> None:
     run(scenario())
 
 
+def test_a_burst_at_a_down_target_leaves_the_session_listening(run: Run) -> None:
+    """Steps: 200 datagrams at once at a target that is down, so ICMP errors reach the session's socket
+    while datagrams are still being sent (the error is then taken by a send, or by a receive, in whatever
+    order the loop runs); then the target starts and the same client's next datagram is answered. On
+    uvloop a socket error stops libuv's polling of it: without the re-registration the session stays
+    deaf to every later reply."""
+
+    async def scenario() -> None:
+        down = unused_udp_port()
+        async with udp_relay(down) as server:
+            stats = server.udp.stats["dns"]
+            async with udp_peer(remote=("127.0.0.1", udp_port(server))) as (client, _):
+                for n in range(200):
+                    client.send(b"%03d" % n)
+                await wait_until(lambda: stats.dropped["unreachable"] >= 1 and stats.datagrams_c2t >= 1)
+                async with udp_peer("127.0.0.1", down, echo=True):
+                    client.send(b"back?")
+                    assert await client.reply() == b"back?"
+                assert stats.sessions == 1
+
+    run(scenario())
+
+
 def test_idle_sessions_expire(run: Run) -> None:
     """Steps: with udp_idle_timeout 0.5 s, a client that keeps talking every 50 ms for 1.5 s keeps its one
     session; once it stops, the session ends (within a generous bound), and a new datagram opens a new one."""
