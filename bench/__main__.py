@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             udp_subs = udp.subjects([n for n in names if n != "socat" or not args.smoke], args.python)
             args.udp_subjects = [s.name for s in udp_subs]
             print(f"bench: UDP, {len(udp_subs)} subjects, {len(udp_workloads)} workloads", file=sys.stderr)
-            udp.run_interleaved(udp_subs, udp_workloads, args.reps, args.seconds, workdir, log)
+            rtt_reps = args.reps if args.smoke else args.reps * udp.RTT_REPS
+            udp.run_interleaved(udp_subs, udp_workloads, args.reps, args.seconds, workdir, log, rtt_reps)
         relaying = [s for s in subs if s.relays] if workloads else []
         for s in relaying:
             log(harness.measure_startup(s, workdir, 2 if args.smoke else 7))

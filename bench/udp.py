@@ -40,6 +40,10 @@ UDP_FLOOD = "udp_flood"
 UDP_DNS = "udp_dns"
 ALL_WORKLOADS = (UDP_RTT, UDP_FLOOD, UDP_DNS)
 PACED_RATES = (10_000, 25_000, 50_000, 100_000, 200_000)
+# The round trip is compared with socat against a target of 1.00x, while one repetition's p50 swings by
+# +-15 % with where the processes happen to wake up (bench/experiments/SPEED.md, UDP): full runs give it
+# RTT_REPS times the repetitions of the other workloads.
+RTT_REPS = 3
 # The flood's sink gets a large receive buffer (capped by net.core.rmem_max): with the default one the
 # sink itself drops what a relay forwards in a burst after a stall on a busy machine, and the figure
 # would measure the sink.
@@ -333,7 +337,10 @@ def run_interleaved(
     seconds: float,
     workdir: Path,
     log: Callable[[Record], None],
+    rtt_reps: int | None = None,
 ) -> None:
+    """`reps` repetitions of every workload, interleaved; udp_rtt gets `rtt_reps` (default `reps`)."""
+    rtt_reps = reps if rtt_reps is None else max(reps, rtt_reps)
     with contextlib.ExitStack() as stack:
         ports: dict[str, int] = {}
         if UDP_RTT in workloads:
@@ -351,9 +358,11 @@ def run_interleaved(
             except (RuntimeError, OSError, TimeoutError) as exc:  # each udp_dns record says so
                 failed = str(exc)[-200:]
                 print(f"bench: dnsmasq did not start: {failed}", file=sys.stderr)
-        for rep in range(reps):
+        for rep in range(rtt_reps if UDP_RTT in workloads else reps):
             order = list(subs[rep % len(subs) :]) + list(subs[: rep % len(subs)])
             for workload in workloads:
+                if rep >= reps and workload != UDP_RTT:
+                    continue
                 for subject in order:
                     if workload != UDP_RTT and not subject.floods:
                         continue
@@ -430,7 +439,8 @@ def describe() -> list[str]:
         "- **UDP** (issue 10): the relay `--ports L:Q/udp` (default loop); socat "
         "`udp-listen:L,fork,reuseaddr udp:127.0.0.1:Q` and `udp-recvfrom:L,fork udp:127.0.0.1:Q`; direct. "
         "Request/response: `sockperf ping-pong -m 64 --full-rtt` over UDP (one datagram in flight; rate = "
-        "round trips/s). Flood: `sockperf throughput -m 64 --mps=R` into a fresh `sockperf server` (4 MiB "
+        f"round trips/s), {RTT_REPS}{X} the repetitions of the other workloads. Flood: `sockperf "
+        "throughput -m 64 --mps=R` into a fresh `sockperf server` (4 MiB "
         "receive buffer), whose received count is read at its stop; paced R in "
         f"{', '.join(f'{r:,}' for r in PACED_RATES)} (the "
         f"highest with ≥ {DELIVERED_WITHOUT_LOSS:.1%} delivered), then `--mps=max`. Real client: "
