@@ -144,6 +144,20 @@ engine_cgroups() { # libpod_parent (cgroupfs' parent of conmon, pods and contain
     find /sys/fs/cgroup -maxdepth 5 -type d -path '*/libpod_parent*' 2> /dev/null | sort -r
 }
 
+remove_engine_cgroups() { # libpod_parent and below, deepest first. conmon and a pod's infra process
+    # may still be exiting when the containers are gone: kill what is left (only this run's: the caller
+    # checked that libpod_parent is new and no other podman runs) and retry, bounded to 5 s.
+    local i cgroup pid
+    for ((i = 0; i < 50; i++)); do
+        [ -z "$(engine_cgroups)" ] && return 0
+        for cgroup in $(engine_cgroups); do
+            while read -r pid; do kill -KILL "$pid" 2> /dev/null || true; done < <(cat "$cgroup/cgroup.procs" 2> /dev/null)
+            rmdir "$cgroup" 2> /dev/null || true
+        done
+        [ -n "$(engine_cgroups)" ] && sleep 0.1
+    done
+}
+
 other_podman_running() { # a conmon of some other run (not under $1) on this machine
     local pid
     for pid in $(pgrep -x conmon || true); do
@@ -202,8 +216,7 @@ clean_shared_state() { # what lives outside any run folder: the namespace, CNI I
     fi
     rm -rf "$CNI_STATE"
     if [ "$LIBPOD_CGROUPS_EXISTED" = 0 ] && ! other_podman_running "${RUN:-/nonexistent}"; then
-        # shellcheck disable=SC2046 # a list of paths without spaces
-        rmdir $(engine_cgroups) 2> /dev/null || true
+        remove_engine_cgroups
     fi
     if [ "$RUN_CONTAINERS_EXISTED" = 0 ] && [ -d /run/containers ] && ! other_podman_running "${RUN:-/nonexistent}"; then
         rm -rf /run/containers
