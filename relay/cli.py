@@ -190,7 +190,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return healthcheck(config)
 
     async def serve() -> int:
-        return await run_server(Server(config, reload=reload))
+        server = Server(config, reload=reload)
+        server.ignore_late_signals = True
+        return await run_server(server)
 
     # The modules and the config live as long as the process: out of the collector's sight, a full
     # collection takes ~1 ms instead of ~9 ms under load (issue 13, docs/benchmarks.md).

@@ -81,6 +81,10 @@ class Server:
         # Signals, and stops the relay asks for itself (a reason string, e.g. APP_RESTARTED).
         self._signals: asyncio.Queue[signal.Signals | str] = asyncio.Queue()
         self.exit_reason: str | None = None  # set by stop(): why serve() returned without a signal
+        # Whether serve() leaves SIGTERM, SIGINT and SIGHUP ignored once it has drained, instead of restoring
+        # their defaults: the process's entry point sets it (cli.py), so a late second signal (docker stop
+        # twice, Ctrl-C twice) cannot turn a clean exit 0 into death by signal while the process winds down.
+        self.ignore_late_signals = False
         self._app_watch_file = app_watch_file
         self.app_watch: AppWatch | None = None
         self._app_watch_task: asyncio.Task[None] | None = None
@@ -269,9 +273,15 @@ class Server:
                 return
         finally:
             await self._stop_app_watch()
+            await self._close_resolvers()
+            if self.ignore_late_signals:  # held back while the handlers change: no moment of SIG_DFL
+                signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
             for sig in SIGNALS:
                 loop.remove_signal_handler(sig)
-            await self._close_resolvers()
+                if self.ignore_late_signals:
+                    signal.signal(sig, signal.SIG_IGN)  # a pending one is discarded with it
+            if self.ignore_late_signals:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     async def _start_unless_stopped(self) -> None:
         """start(), cut short by a stop (SIGTERM, SIGINT, stop()): start is cancelled (closing what it

@@ -149,6 +149,21 @@ def test_sigterm_and_sigint_stop_promptly_with_exit_0() -> None:
             assert any("stopped" in line for line in relay.lines)
 
 
+def test_a_second_sigterm_after_the_drain_keeps_exit_0() -> None:
+    """Steps: SIGTERM; as soon as the relay logs `stopped`, while it is still winding down, a second
+    SIGTERM (a second `docker stop`): the exit code stays 0. Before the relay ignored late signals,
+    that second one found the default action restored and the process died by the signal (-15)."""
+    for _ in range(5):
+        port = free_port_block(1)
+        with RelayProcess(["--ports", f"{port}:9", "--target", "127.0.0.1", "--metrics", "off"]) as relay:
+            relay.wait_for("ready")
+            relay.proc.send_signal(signal.SIGTERM)
+            relay.wait_for("INFO stopped")  # the drain's last line, not "SIGTERM: stopped listening"
+            if relay.proc.poll() is None:
+                relay.proc.send_signal(signal.SIGTERM)
+            assert relay.proc.wait(10) == 0, relay.output()
+
+
 def test_seed_socat_argv_relays_over_ipv4_and_ipv6() -> None:
     """Steps: the seed recipe's argv with the target swapped for a loopback echo server (so no DNS
     leaves the machine); connections to 127.0.0.1 and ::1 (socat itself would refuse ::1) round-trip,
