@@ -22,15 +22,12 @@ import os
 import select
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from bench import proc
-from bench.udp import free_udp_port, pingpong, running, udp_bound
+from bench.udp import free_udp_port, pingpong, running
 
 REPO = Path(__file__).resolve().parents[2]
 SUBJECTS = ("socat", "relay", "uvloop", "epoll", "direct")
@@ -133,26 +130,6 @@ def argv(subject: str, listen: int, target: int) -> list[str]:
     return [python, "-m", "bench.experiments.udp_floor", "forward", subject, str(listen), str(target)]
 
 
-@contextlib.contextmanager
-def sockperf_server(port: int) -> Iterator[None]:
-    server = subprocess.Popen(
-        ["sockperf", "sr", "-i", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=proc.ENV,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not udp_bound(port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sockperf server did not bind {port}")
-            time.sleep(0.002)
-        yield
-    finally:
-        proc.stop(server)
-
-
 def measure(subject: str, target: int, seconds: float, workdir: Path) -> dict[str, float]:
     if subject == "direct":
         return pingpong("127.0.0.1", target, seconds)
@@ -175,7 +152,8 @@ def main(args: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     with open(out, "w") as raw, contextlib.chdir(REPO), tempfile.TemporaryDirectory() as tmp:
         workdir, target = Path(tmp), free_udp_port()
-        with sockperf_server(target):
+        server = ["sockperf", "sr", "-i", "127.0.0.1", "-p", str(target)]
+        with running(server, target, workdir / "sockperf.stderr"):
             for rep in range(opts.reps):
                 for subject in SUBJECTS:
                     got = measure(subject, target, opts.seconds, workdir)
