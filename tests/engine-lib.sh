@@ -14,6 +14,31 @@ fail() {
     if [ $# -gt 1 ]; then printf '%s\n' "$2" | sed 's/^/    /'; fi
 }
 
+remove_cgroups() { # the cgroup folders that function $1 lists (deepest first), once they are empty. An
+    # engine's last processes (conmon, a shim, a pod's infra) may still be exiting when the containers are
+    # gone: kill what is left and retry, bounded to 5 s. Only for cgroups that are the run's own (the
+    # caller checked that no other engine runs).
+    local i cgroup pid
+    for ((i = 0; i < 50; i++)); do
+        [ -z "$("$1")" ] && return 0
+        for cgroup in $("$1"); do
+            while read -r pid; do kill -KILL "$pid" 2> /dev/null || true; done < <(cat "$cgroup/cgroup.procs" 2> /dev/null)
+            rmdir "$cgroup" 2> /dev/null || true
+        done
+        [ -n "$("$1")" ] && sleep 0.1
+    done
+}
+
+finish() { # the run's verdict, then its exit: $1 engine name, $2 what the cleanup checked, $3 what it
+    # found left behind (empty: nothing), $4 the status the run stopped with. Called from an EXIT trap.
+    if [ -n "$3" ]; then fail "cleanup: left behind: $3"; elif [ -n "$2" ]; then pass "cleanup: $2"; fi
+    [ "$4" -ne 0 ] && [ "$failed" -eq 0 ] && fail "run: stopped early with status $4 (see above)"
+    echo "$1 test took $(($(date +%s) - RUN_STARTED)) s"
+    echo "$1: $passed passed, $failed failed"
+    if [ "$failed" -eq 0 ]; then exit 0; fi
+    exit 1 # (a bare `exit` in an EXIT trap would return the status from before the trap)
+}
+
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 pids_using() { # every process whose command line names the folder $1 (containerd, shims of that engine)

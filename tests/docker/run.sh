@@ -169,7 +169,7 @@ restore_sysctls() {
 }
 
 cleanup() {
-    local status=$? project pid entry leftovers=""
+    local status=$? project pid entry leftovers="" checked=""
     trap - EXIT INT TERM
     set +e
     log "cleaning up"
@@ -186,32 +186,28 @@ cleanup() {
     if [ -n "$DOCKERD_PID" ]; then
         delete_engine_links
         if [ "$DOCKER0_OURS" = 1 ]; then ip link delete docker0 2> /dev/null; fi
-        if ! engine_running; then rmdir /sys/fs/cgroup/*/docker /sys/fs/cgroup/docker 2> /dev/null; fi
+        if ! engine_running; then remove_cgroups docker_cgroups; fi
         restore_sysctls
         # The verdict on the cleanup itself.
         ip link show docker0 > /dev/null 2>&1 && [ "$DOCKER0_OURS" = 1 ] && leftovers+="docker0 bridge; "
         [ -n "$RUN" ] && grep -qF "$RUN" /proc/self/mountinfo && leftovers+="mounts under $RUN; "
         [ -n "$RUN" ] && [ -e "$RUN" ] && leftovers+="$RUN; "
-        ! engine_running && compgen -G '/sys/fs/cgroup/*/docker' > /dev/null && leftovers+="docker cgroups; "
+        ! engine_running && [ -n "$(docker_cgroups)" ] && leftovers+="docker cgroups; "
         [ "$(firewall_rules)" != "$FIREWALL_BEFORE" ] && leftovers+="firewall rules changed; "
         for entry in "${SYSCTL_SAVED[@]}"; do
             [ "$(sysctl -n "${entry%%=*}")" != "${entry#*=}" ] && leftovers+="${entry%%=*} changed; "
         done
-        if [ -z "$leftovers" ]; then
-            pass "cleanup: engine stopped; no bridge, mount, cgroup, firewall rule or sysctl change left behind"
-        else
-            fail "cleanup: left behind: $leftovers"
-        fi
+        checked="engine stopped; no bridge, mount, cgroup, firewall rule or sysctl change left behind"
     fi
-    [ "$status" -ne 0 ] && [ "$failed" -eq 0 ] && fail "run: stopped early with status $status (see above)"
-    echo "docker test took $(($(date +%s) - RUN_STARTED)) s"
-    echo "docker: $passed passed, $failed failed"
-    if [ "$failed" -eq 0 ]; then exit 0; fi
-    exit 1 # (a bare `exit` in an EXIT trap would return the status from before the trap)
+    finish docker "$checked" "$leftovers" "$status"
 }
 
 # ---------------------------------------------------------------------------------------------------
 # Engine
+
+docker_cgroups() { # dockerd's cgroup folders (cgroupfs: docker/ and a container's docker/ID), deepest first
+    find /sys/fs/cgroup -maxdepth 4 -type d \( -path '*/docker' -o -path '*/docker/*' \) 2> /dev/null | sort -r
+}
 
 engine_running() { # is some dockerd alive on this machine?
     local pid

@@ -144,20 +144,6 @@ engine_cgroups() { # libpod_parent (cgroupfs' parent of conmon, pods and contain
     find /sys/fs/cgroup -maxdepth 5 -type d -path '*/libpod_parent*' 2> /dev/null | sort -r
 }
 
-remove_engine_cgroups() { # libpod_parent and below, deepest first. conmon and a pod's infra process
-    # may still be exiting when the containers are gone: kill what is left (only this run's: the caller
-    # checked that libpod_parent is new and no other podman runs) and retry, bounded to 5 s.
-    local i cgroup pid
-    for ((i = 0; i < 50; i++)); do
-        [ -z "$(engine_cgroups)" ] && return 0
-        for cgroup in $(engine_cgroups); do
-            while read -r pid; do kill -KILL "$pid" 2> /dev/null || true; done < <(cat "$cgroup/cgroup.procs" 2> /dev/null)
-            rmdir "$cgroup" 2> /dev/null || true
-        done
-        [ -n "$(engine_cgroups)" ] && sleep 0.1
-    done
-}
-
 other_podman_running() { # a conmon of some other run (not under $1) on this machine
     local pid
     for pid in $(pgrep -x conmon || true); do
@@ -216,7 +202,7 @@ clean_shared_state() { # what lives outside any run folder: the namespace, CNI I
     fi
     rm -rf "$CNI_STATE"
     if [ "$LIBPOD_CGROUPS_EXISTED" = 0 ] && ! other_podman_running "${RUN:-/nonexistent}"; then
-        remove_engine_cgroups
+        remove_cgroups engine_cgroups
     fi
     if [ "$RUN_CONTAINERS_EXISTED" = 0 ] && [ -d /run/containers ] && ! other_podman_running "${RUN:-/nonexistent}"; then
         rm -rf /run/containers
@@ -244,7 +230,7 @@ podman_netns() { # podman's netns-<uuid> files now (other tests' namespaces come
 }
 
 cleanup() {
-    local status=$? pid leftovers=""
+    local status=$? pid leftovers="" checked=""
     trap - EXIT INT TERM
     set +e
     log "cleaning up"
@@ -263,17 +249,9 @@ cleanup() {
         [ "$LIBPOD_CGROUPS_EXISTED" = 0 ] && [ -n "$(engine_cgroups)" ] && leftovers+="libpod_parent cgroups; "
         [ "$RUN_CONTAINERS_EXISTED" = 0 ] && [ -e /run/containers ] && leftovers+="/run/containers; "
         [ "$(firewall_rules)" != "$FIREWALL_BEFORE" ] && leftovers+="firewall rules changed; "
-        if [ -z "$leftovers" ]; then
-            pass "cleanup: no container, pod, network, namespace, mount, cgroup, CNI state or firewall rule left behind"
-        else
-            fail "cleanup: left behind: $leftovers"
-        fi
+        checked="no container, pod, network, namespace, mount, cgroup, CNI state or firewall rule left behind"
     fi
-    [ "$status" -ne 0 ] && [ "$failed" -eq 0 ] && fail "run: stopped early with status $status (see above)"
-    echo "podman test took $(($(date +%s) - RUN_STARTED)) s"
-    echo "podman: $passed passed, $failed failed"
-    if [ "$failed" -eq 0 ]; then exit 0; fi
-    exit 1
+    finish podman "$checked" "$leftovers" "$status"
 }
 
 # ---------------------------------------------------------------------------------------------------
