@@ -144,10 +144,17 @@ engine_cgroups() { # libpod_parent (cgroupfs' parent of conmon, pods and contain
     find /sys/fs/cgroup -maxdepth 5 -type d -path '*/libpod_parent*' 2> /dev/null | sort -r
 }
 
-other_podman_running() { # a conmon of some other run (not under $1) on this machine
-    local pid
+other_podman_running() { # a live conmon of some other run (not under $1) on this machine. An exited one
+    # (a zombie nobody has reaped yet: its command line reads empty) is nobody's: counting it as another
+    # run's kept this run's libpod_parent cgroups in place.
+    local pid cmdline
     for pid in $(pgrep -x conmon || true); do
-        if [[ "$(tr '\0' ' ' 2> /dev/null < "/proc/$pid/cmdline")" != *"$1/"* ]]; then return 0; fi
+        alive "$pid" || continue
+        cmdline=$(tr '\0' ' ' 2> /dev/null < "/proc/$pid/cmdline")
+        if [ -n "$cmdline" ] && [[ "$cmdline" != *"$1/"* ]]; then
+            log "conmon $pid belongs to another run: $cmdline"
+            return 0
+        fi
     done
     return 1
 }
