@@ -202,7 +202,7 @@ def parse_ports(text: str) -> tuple[PortMap, ...]:
     protocol (`53 53/udp` is DNS over both)."""
     maps: list[PortMap] = []
     seen: dict[tuple[int | UnixAddress, str], str] = {}
-    items = [i for i in re.split(r"[\s,]+", text.strip()) if i]
+    items = port_items(text)
     if not items:
         raise AddressError(f"{text!r} lists no ports; {PORTS_FORM}")
     for item in items:
@@ -328,3 +328,35 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds):  # 400 nines read as a float are infinity
         raise AddressError(f"{text!r} is too long a duration; {DURATION_FORM}")
     return seconds
+
+
+# --- docker-host's PORTS ---------------------------------------------------------------------------------
+
+_COLON_PAIR = re.compile(r"^([0-9]+):([0-9]+)$")
+
+
+def port_items(text: str) -> list[str]:
+    """The items of a port list as parse_ports splits them (commas and/or whitespace)."""
+    return [i for i in re.split(r"[\s,]+", text.strip()) if i]
+
+
+def colon_pairs(text: str) -> list[tuple[str, int, int]]:
+    """Items `A:B` of plain port numbers: docker-host until 2021 read them as the range A to B (iptables'
+    multiport syntax), today as port A forwarded to port B."""
+    pairs = []
+    for item in port_items(text):
+        match = _COLON_PAIR.match(item)
+        if match:
+            pairs.append((item, int(match.group(1)), int(match.group(2))))
+    return pairs
+
+
+def both_protocols(text: str) -> str:
+    """docker-host forwards TCP and UDP: each item without /tcp or /udp is listed for both (a socket file
+    carries a stream only)."""
+    items: list[str] = []
+    for item in port_items(text):
+        items.append(item)
+        if "/" not in item and not is_unix(item) and ":unix:" not in item.lower():
+            items.append(item + "/udp")
+    return " ".join(dict.fromkeys(items))

@@ -24,7 +24,9 @@ from relay.address import (
     HostPort,
     PortMap,
     UnixAddress,
+    both_protocols,
     check_host,
+    colon_pairs,
     format_target,
     is_unix,
     parse_duration,
@@ -37,6 +39,7 @@ from relay.address import (
 )
 
 DEFAULT_LISTEN = ("127.0.0.1", "::1")
+DOCKER_HOST_LISTEN = ("0.0.0.0", "::")  # docker-host's layout: a container of its own, reached by name
 AUTO = "auto"
 DEFAULT_METRICS = HostPort("0.0.0.0", 9464)
 
@@ -330,6 +333,7 @@ def from_env(environ: Mapping[str, str]) -> tuple[dict[str, Raw], list[str]]:
             raw[opt.key] = Raw(environ[opt.env], opt.env)
     if "ports" not in raw and "PORTS" in environ:
         raw["ports"] = Raw(environ["PORTS"], "PORTS")
+        warnings.extend(_colon_ranges(environ["PORTS"]))
     docker_host = environ.get("DOCKER_HOST", "").strip()
     if "target" not in raw and docker_host:
         if "://" in docker_host:
@@ -341,6 +345,43 @@ def from_env(environ: Mapping[str, str]) -> tuple[dict[str, Raw], list[str]]:
             hint = _did_you_mean(name, sorted(ENV_NAMES))
             warnings.append(f"{name}: unknown setting, ignored{hint}")
     return raw, warnings
+
+
+def _docker_host_layout(environ: Mapping[str, str], cli: Mapping[str, Raw], path: str | None) -> bool:
+    """Configured the docker-host way: its PORTS, and none of the relay's own ports or listen settings
+    (environment, file or command line). Its users run it as a container of its own, reached by name."""
+    own = {"RELAY_PORTS", "RELAY_LISTEN"} & environ.keys() or {"ports", "listen"} & cli.keys()
+    return "PORTS" in environ and not own and not path
+
+
+def _as_docker_host(ports: str, raw: dict[str, Raw]) -> list[str]:
+    """docker-host listened on every address, for TCP and UDP."""
+    raw["ports"] = Raw(both_protocols(ports), "PORTS")
+    raw["listen"] = Raw(list(DOCKER_HOST_LISTEN), "PORTS (docker-host layout)")
+    return [
+        "configured the docker-host way (PORTS without RELAY_PORTS or RELAY_LISTEN): listening on "
+        "0.0.0.0 and :: for TCP and UDP, as docker-host did",
+        "every container on this container's networks can reach the Docker host's ports "
+        f"{ports.strip()} through it; set RELAY_LISTEN (e.g. 127.0.0.1,::1) to keep them to this namespace",
+    ]
+
+
+def _colon_ranges(ports: str) -> list[str]:
+    """docker-host read `A:B` as the range A to B until 2021 (iptables' multiport syntax), as port A
+    forwarded to port B since: the relay reads today's meaning and says so."""
+    notes = []
+    for item, low, high in colon_pairs(ports):
+        if low == 0:
+            raise ConfigError(
+                f"PORTS: {item!r} is docker-host's range syntax before 2021 (ports 0 to {high}), and "
+                f"port 0 cannot be listened on; expected 1-{high}"
+            )
+        notes.append(
+            f"PORTS: {item!r} is read as port {low} forwarded to the host's port {high} (docker-host's "
+            f"syntax since 2021); docker-host before 2021 read it as the ports {low} to {high}: write "
+            f"{low}-{high} for those"
+        )
+    return notes
 
 
 def _k8s_service_link(name: str, value: str) -> bool:
@@ -733,6 +774,8 @@ def load(
     environ = os.environ if environ is None else environ
     env_raw, warnings = from_env(environ)
     path = config_path or environ.get("RELAY_CONFIG") or None
+    if _docker_host_layout(environ, cli, path):
+        warnings.extend(_as_docker_host(environ["PORTS"], env_raw))
     merged: dict[str, Raw] = {}
     if path:
         merged.update(from_file(path))

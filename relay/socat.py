@@ -93,6 +93,35 @@ HARMLESS = {"fork", "reuseaddr", "nodelay", "ipv6only", "crlf-off"}
 VALUE_FLAGS = {"-b", "-t", "-T"}
 INT_MAX = 2**31 - 1
 IGNORED_FLAGS = {"-v", "-x", "-ly", "-lu", "-lm", "-lh"}
+# -ls is socat's "log to stderr", where the relay logs anyway; -ly/-lm take a syslog facility fused.
+SAME_FLAGS = {"-ls"}
+SYSLOG_FLAGS = ("-ly", "-lm", "-lp")
+# Address types that cannot be a relay's end: the reason applies to any relay, in a container or not.
+NOT_A_RELAY = {
+    "exec": "runs a program for each connection (run it as a service and forward to its port)",
+    "system": "runs a shell command for each connection (run it as a service and forward to its port)",
+    "pty": "makes a pseudo-terminal, a local device",
+    "vsock-connect": "reaches a VM socket (vsock), which a container's network namespace does not have",
+    "vsock-listen": "listens on a VM socket (vsock), which a container's network namespace does not have",
+    "vsock-l": "listens on a VM socket (vsock), which a container's network namespace does not have",
+    "-": "is standard input and output, which a detached sidecar does not have",
+    "stdio": "is standard input and output, which a detached sidecar does not have",
+    "stdin": "is standard input, which a detached sidecar does not have",
+    "stdout": "is standard output, which a detached sidecar does not have",
+    "stderr": "is standard error, which a detached sidecar does not have",
+    "readline": "reads a terminal, which a detached sidecar does not have",
+    "open": "opens a file, which is not a network endpoint",
+    "create": "creates a file, which is not a network endpoint",
+    "file": "opens a file, which is not a network endpoint",
+    "pipe": "echoes data back within socat instead of reaching a target",
+}
+NOT_A_RELAY_FORM = (
+    "the relay forwards a TCP, UDP or socket-file listener to a network target or a socket file"
+)
+# Options of socket files; socat itself refuses them on a TCP or UDP address.
+FILE_ONLY = {"unlink-early", "unlink-close", "mode", "perm"}
+# A listen address's retry= retries a failed bind in socat; the relay exits 1 on a taken port instead.
+LISTEN_RETRY = {"retry", "interval", "forever"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +161,12 @@ def parse(argv: list[str]) -> SocatArgs:
             if value is None:
                 raise ConfigError(f"{SOURCE} {arg}: missing its value")
             _flag(arg, value, raw)
+        elif arg[:2] in VALUE_FLAGS:  # -T3: socat also takes the value fused to its flag
+            _flag(arg[:2], arg[2:], raw)
+        elif arg in SAME_FLAGS:
+            continue
+        elif arg.startswith(SYSLOG_FLAGS):
+            notes.append(f"socat flag {arg} (syslog) has no equivalent in relay; it logs to stderr")
         elif arg in ("-4", "-6"):
             raw["family"] = Raw("ipv4" if arg == "-4" else "ipv6", f"{SOURCE} {arg}")
         elif arg in IGNORED_FLAGS:
@@ -145,10 +180,12 @@ def parse(argv: list[str]) -> SocatArgs:
             f"{SOURCE}s {' '.join(addresses)!r}: expected exactly two addresses, "
             "TCP-LISTEN:PORT[,options] then TCP:HOST:PORT[,options]"
         )
+    _refuse_non_relay(addresses)
+    addresses[1] = _bare_path(addresses[1], notes)
     if _keyword(addresses[0]) in UNIX_LISTEN or _keyword(addresses[1]) in UNIX_CONNECT:
-        _unix_pair(addresses, raw)
+        _unix_pair(addresses, raw, notes)
     else:
-        _listen_address(addresses[0], raw)
+        _listen_address(addresses[0], raw, notes)
         _connect_address(addresses[1], raw)
         _same_protocol(addresses, raw)
     return SocatArgs(raw, debug, tuple(notes))
@@ -158,7 +195,38 @@ def _keyword(address: str) -> str:
     return _split(address)[0]
 
 
-def _unix_pair(addresses: list[str], raw: dict[str, Raw]) -> None:
+def _refuse_non_relay(addresses: list[str]) -> None:
+    """Programs, terminals, files, standard I/O and VM sockets: one line saying why a relay has none."""
+    for address in addresses:
+        keyword = _keyword(address)
+        if keyword in NOT_A_RELAY:
+            shown = address if len(address) <= 60 else address[:57] + "..."
+            raise ConfigError(
+                f"{SOURCE} {shown!r}: {'STDIO' if keyword == '-' else keyword.upper()} "
+                f"{NOT_A_RELAY[keyword]}; {NOT_A_RELAY_FORM}"
+            )
+    if _is_path(addresses[0]):
+        raise ConfigError(
+            f"{SOURCE} {addresses[0]!r}: a bare path (socat's GOPEN) opens an existing file, which "
+            "cannot be listened on; expected UNIX-LISTEN:/PATH"
+        )
+
+
+def _is_path(address: str) -> bool:
+    """socat reads an address that starts like a path as GOPEN."""
+    return address.startswith(("/", "./", "../"))
+
+
+def _bare_path(address: str, notes: list[str]) -> str:
+    """A bare path as the target is socat's GOPEN, which connects when the file is a socket: the relay
+    takes it as UNIX-CONNECT (a regular file or a device is no relay target, and fails at connect)."""
+    if not _is_path(address):
+        return address
+    notes.append(f"socat address {address!r} is read as UNIX-CONNECT:{address} (a socket file)")
+    return f"unix-connect:{address}"
+
+
+def _unix_pair(addresses: list[str], raw: dict[str, Raw], notes: list[str]) -> None:
     """A socket file at one end or both: UNIX-LISTEN (a route of its own, for its mode) or TCP-LISTEN as
     the first address, UNIX-CONNECT or TCP as the second."""
     listen, connect = addresses
@@ -172,7 +240,7 @@ def _unix_pair(addresses: list[str], raw: dict[str, Raw]) -> None:
     else:
         target = format_hostport(*_connect_target(connect, raw))
     if _keyword(listen) not in UNIX_LISTEN:
-        _listen_address(listen, raw)
+        _listen_address(listen, raw, notes)
         raw["ports"] = Raw(f"{raw['ports'].value}:{target}", raw["ports"].source)
         return
     where = f"{SOURCE} {listen!r}"
@@ -180,7 +248,7 @@ def _unix_pair(addresses: list[str], raw: dict[str, Raw]) -> None:
     for option in _split(listen)[2]:
         name, _, value = option.partition("=")
         name = name.lower()
-        if name == "mode":
+        if name in ("mode", "perm"):  # perm= chmods after creating, mode= while: the same bits result
             route["mode"] = value
         elif name == "backlog":
             raw["backlog"] = Raw(value, where)
@@ -203,8 +271,12 @@ def _unix_path(address: str, form: str, allowed: set[str]) -> str:
         raise ConfigError(f"{where}: {err}") from None
     for option in options:
         name = option.partition("=")[0].lower()
-        if name not in allowed and not (allowed and name in ("mode", "backlog", "max-children")):
-            supported = ", ".join(sorted(allowed | {"mode=", "backlog=", "max-children="})) if allowed else ""
+        if name not in allowed and not (allowed and name in ("mode", "perm", "backlog", "max-children")):
+            supported = (
+                ", ".join(sorted(allowed | {"mode=", "perm=", "backlog=", "max-children="}))
+                if allowed
+                else ""
+            )
             raise ConfigError(
                 f"{where}: option {option!r} is not supported on {keyword.upper()}; "
                 + (f"supported: {supported}" if allowed else "expected no options")
@@ -254,8 +326,10 @@ def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
 
 
 def _split(address: str) -> tuple[str, list[str], list[str]]:
-    """`KEYWORD:a:b,opt1,opt2=v` -> (keyword lowercased, [a, b], [opt1, opt2=v])."""
-    head, *options = address.split(",")
+    """`KEYWORD:a:b,opt1,opt2=v` -> (keyword lowercased, [a, b], [opt1, opt2=v]). An empty option (a
+    trailing comma, `fork,,reuseaddr`) is skipped, as socat skips it."""
+    head, *all_options = address.split(",")
+    options = [option for option in all_options if option]
     keyword, _, rest = head.partition(":")
     params = rest.split(":") if rest else []
     if rest.startswith("["):  # TCP6:[::1]:80; anything else after `]` (`[::1]80`, `[::1]:::80`) is not
@@ -278,7 +352,7 @@ def _parts(
     return where, keyword, params, options
 
 
-def _listen_address(address: str, raw: dict[str, Raw]) -> None:
+def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None:
     where, keyword, params, options = _parts(address, LISTEN_KEYWORDS, "listen", 1, LISTEN_FORM)
     _udp_options(keyword, options, where)
     try:
@@ -300,6 +374,16 @@ def _listen_address(address: str, raw: dict[str, Raw]) -> None:
                 raw["max_connections"] = Raw(value, where)
             elif name == "reuseport":
                 raw["reuseport"] = Raw(value or "true", where)
+            elif name in LISTEN_RETRY:
+                notes.append(
+                    f"socat option {option!r} on a listen address retries a failed bind; the relay exits "
+                    "with code 1 when a port is taken, and the container's restart policy starts it again"
+                )
+            elif name == "ignoreeof":
+                notes.append(
+                    f"socat option {option!r}: the relay keeps a connection open after one side's EOF "
+                    "until the other side closes too (unless -t is given), which is what ignoreeof is for"
+                )
             else:
                 _common_option(name, value, where, raw)
         except AddressError as err:
@@ -386,6 +470,8 @@ def _common_option(name: str, value: str, where: str, raw: dict[str, Raw]) -> No
         raw["keepalive"] = Raw(value or "true", where)
     elif name in HARMLESS:
         return
+    elif name in FILE_ONLY:
+        raise AddressError(f"{name!r} applies to socket files (UNIX-LISTEN) only; socat refuses it here too")
     else:
         raise AddressError(
             f"{name!r} is not supported; supported: fork, reuseaddr, reuseport, bind=, backlog=, "

@@ -88,13 +88,67 @@ def test_wide_port_ranges_load() -> None:
 
 
 def test_docker_host_compat_variables() -> None:
+    """Configured the docker-host way (PORTS, DOCKER_HOST, nothing of the relay's own), the relay listens
+    as docker-host did: every address, TCP and UDP, and says so (before: loopback and TCP only, silently)."""
     config = load({}, {"PORTS": "80 443", "DOCKER_HOST": "gateway.lan"})
-    assert [r.target_port for r in config.routes] == [80, 443]
+    assert [(r.protocol, r.target_port) for r in config.routes] == [
+        ("tcp", 80),
+        ("udp", 80),
+        ("tcp", 443),
+        ("udp", 443),
+    ]
+    assert all(
+        r.listen == (HostPort("0.0.0.0", r.target_port), HostPort("::", r.target_port)) for r in config.routes
+    )
     assert config.routes[0].target == "gateway.lan"
+    assert config.warnings[0].startswith("configured the docker-host way (PORTS without RELAY_PORTS")
+    assert (
+        "every container on this container's networks can reach the Docker host's ports 80 443"
+        in (config.warnings[1])
+    )
     config = load({}, {"PORTS": "80", "RELAY_PORTS": "81", "DOCKER_HOST": "unix:///var/run/docker.sock"})
     assert config.routes[0].target_port == 81
     assert config.routes[0].target == "auto"
     assert any("DOCKER_HOST" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(
+    ("environ", "cli", "listen", "udp"),
+    [
+        # The relay's own settings, anywhere, mean it is not configured the docker-host way.
+        ({"PORTS": "80", "RELAY_LISTEN": "127.0.0.1"}, {}, ("127.0.0.1",), False),
+        ({"PORTS": "80", "RELAY_PORTS": "80"}, {}, ("127.0.0.1", "::1"), False),
+        ({"PORTS": "80"}, {"listen": Raw("::1", "--listen")}, ("::1",), False),
+        ({"PORTS": "80"}, {"ports": Raw("80", "--ports")}, ("127.0.0.1", "::1"), False),
+        # An item with its protocol keeps it; a socket file carries a stream only.
+        ({"PORTS": "53/udp 8125/tcp"}, {}, ("0.0.0.0", "::"), True),
+        ({"PORTS": "5432:unix:/run/pg/.s.PGSQL.5432"}, {}, ("0.0.0.0", "::"), False),
+    ],
+)
+def test_docker_host_layout_only_without_the_relays_own_settings(
+    environ: dict[str, str], cli: dict[str, Raw], listen: tuple[str, ...], udp: bool
+) -> None:
+    config = load(cli, environ)
+    assert tuple(hp.host for hp in config.routes[0].listen) == listen
+    assert any(r.protocol == "udp" for r in config.routes) is udp
+    assert any("docker-host way" in w for w in config.warnings) is (listen == ("0.0.0.0", "::"))
+
+
+def test_docker_host_2020_colon_syntax_warns_how_it_was_read() -> None:
+    """docker-host until 2021 read `8000:9000` as a range (iptables multiport); today, and here, it is 8000
+    forwarded to 9000. The reading is named, with the way to write the old meaning."""
+    config = load({}, {"PORTS": "443,80,8000:9000"})
+    assert [r.target_port for r in config.routes if r.name == "tcp/8000"] == [9000]
+    assert (
+        "PORTS: '8000:9000' is read as port 8000 forwarded to the host's port 9000 (docker-host's syntax "
+        "since 2021); docker-host before 2021 read it as the ports 8000 to 9000: write 8000-9000 for those"
+    ) in config.warnings
+    with pytest.raises(ConfigError) as err:
+        load({}, {"PORTS": "0:1024,9000"})
+    assert str(err.value) == (
+        "PORTS: '0:1024' is docker-host's range syntax before 2021 (ports 0 to 1024), and port 0 cannot be "
+        "listened on; expected 1-1024"
+    )
 
 
 def test_unknown_relay_variable_warns_with_suggestion_but_kubernetes_links_do_not() -> None:

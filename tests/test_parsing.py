@@ -262,6 +262,51 @@ def test_socat_forms(argv: list[str], expected: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "expected", "note"),
+    [
+        # Fused values (socat takes -T3 as -T 3), a trailing comma (an empty option, skipped by socat).
+        (
+            ["-T3", "-t5", "tcp-l:80,fork,", "tcp:db:1"],
+            {"idle_timeout": "3", "half_close_timeout": "5"},
+            None,
+        ),
+        (["-b8192", "tcp-l:80,,reuseaddr", "tcp:db:1"], {"ports": "80:1"}, None),
+        # -ls logs to stderr, where the relay logs: nothing to say.
+        (["-ls", "tcp-l:80", "tcp:db:1"], {"ports": "80:1"}, None),
+        (["-lmlocal2", "tcp-l:80", "tcp:db:1"], {"ports": "80:1"}, "(syslog) has no equivalent"),
+        # A bare path is socat's GOPEN, which connects to a socket file.
+        (
+            ["tcp-l:2375,fork", "/var/run/docker.sock"],
+            {"ports": "2375:unix:/var/run/docker.sock"},
+            "is read as UNIX-CONNECT:/var/run/docker.sock",
+        ),
+        (
+            ["tcp-l:80,fork,retry", "tcp:db:1"],
+            {"ports": "80:1"},
+            "the relay exits with code 1 when a port is taken",
+        ),
+        (["tcp-l:80,retry=5,interval=2", "tcp:db:1"], {"ports": "80:1"}, "retries a failed bind"),
+        (
+            ["tcp-l:80,ignoreeof", "tcp:db:1"],
+            {"ports": "80:1"},
+            "keeps a connection open after one side's EOF",
+        ),
+        # perm= chmods the socket file after creating it; mode= while: the same bits.
+        (["unix-listen:/run/a.sock,perm=0666,fork", "tcp:db:1"], {}, None),
+    ],
+)
+def test_socat_smaller_items(argv: list[str], expected: dict[str, object], note: str | None) -> None:
+    parsed = parse_socat(argv)
+    values = {k: v.value for k, v in parsed.raw.items()}
+    for key, value in expected.items():
+        assert values[key] == value, key
+    assert [n for n in parsed.notes if note and note in n] if note else parsed.notes == ()
+    if argv[0].startswith("unix-listen"):
+        routes = values["routes"]
+        assert isinstance(routes, list) and routes[0]["mode"] == "0666"
+
+
+@pytest.mark.parametrize(
     ("argv", "setting", "seconds"),
     [
         # Passed on as str(float): '1e-05' and '1e+20', which the duration parser refused.
@@ -301,6 +346,26 @@ def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds
         (["tcp-listen:80", "tcp:db:1,retry=" + "9" * 5000], "9' is not a whole number from 0 to"),
         (["tcp-listen:80", "tcp:db:1,retry=" + "9" * 400], "9' is not a whole number from 0 to"),
         (["-b", "٣", "tcp-listen:80", "tcp:db:1"], "'٣' is not a whole number"),
+        (["-T", "tcp-listen:80", "tcp:db:1"], "'tcp-listen:80' is not a duration"),
+        (["-Tx", "tcp-listen:80", "tcp:db:1"], "socat argument -T: 'x' is not a duration"),
+        # socat refuses these too: merged flags, a socket file's options on TCP or UDP.
+        (["-vvv", "tcp-listen:80", "tcp:db:1"], "'-vvv': not supported"),
+        (
+            ["tcp4-listen:80,unlink-close=1", "tcp4:db:1"],
+            "'unlink-close' applies to socket files (UNIX-LISTEN)",
+        ),
+        (["udp4-listen:53,fork,unlink-close=1", "udp4:db:53"], "'unlink-close' applies to socket files"),
+        # What no relay has, in one line that says so.
+        (["tcp-l:1337,fork", "exec:./chall,stderr"], "EXEC runs a program for each connection"),
+        (["tcp-l:80,fork", "system:./x.sh"], "SYSTEM runs a shell command for each connection"),
+        (["tcp-l:80,fork", "vsock-connect:16:8080"], "VSOCK-CONNECT reaches a VM socket (vsock)"),
+        (["-", "tcp-l:8080,fork"], "STDIO is standard input and output"),
+        (["tcp4-listen:80,fork", "STDOUT"], "STDOUT is standard output"),
+        (["pty,raw,echo=0", "tcp:db:1"], "PTY makes a pseudo-terminal"),
+        (["-u", "tcp4-listen:80", "open:/tmp/x.log,creat"], "'-u': not supported"),
+        (["tcp4-listen:80", "open:/tmp/x.log,creat"], "OPEN opens a file, which is not a network endpoint"),
+        (["tcp-l:80", "PIPE"], "PIPE echoes data back within socat"),
+        (["/dev/ttyS0", "tcp:db:1"], "a bare path (socat's GOPEN) opens an existing file"),
     ],
 )
 def test_bad_socat_argv_names_the_culprit(argv: list[str], message: str) -> None:
