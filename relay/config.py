@@ -37,6 +37,7 @@ from relay.address import (
     parse_unix,
     whole_number,
 )
+from relay.tls import ListenTLS, TargetTLS, parse_listen, parse_target
 
 DEFAULT_LISTEN = ("127.0.0.1", "::1")
 DOCKER_HOST_LISTEN = ("0.0.0.0", "::")  # docker-host's layout: a container of its own, reached by name
@@ -63,11 +64,15 @@ class Route:
     target: str
     target_port: int
     protocol: str = "tcp"
+    tls: ListenTLS | None = None  # the relay terminates TLS on the listen side (relay/tls.py)
+    target_tls: TargetTLS | None = None  # the relay speaks TLS to the target
 
     def describe(self) -> str:
         listen = ", ".join(str(hp) for hp in self.listen)
         udp = " (udp)" if self.protocol == "udp" else ""
-        return f"{listen} -> {format_target(self.target, self.target_port)}{udp}"
+        tls = f" ({self.tls.describe()})" if self.tls else ""
+        target_tls = f" ({self.target_tls.describe()})" if self.target_tls else ""
+        return f"{listen}{tls} -> {format_target(self.target, self.target_port)}{target_tls}{udp}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,8 @@ class Config:
     max_udp_sessions: int = 4096
     loop: LoopName = "auto"
     app_watch: AppWatchMode = "auto"
+    tls: ListenTLS | None = None  # for the TCP routes of `ports` (routes: carry their own)
+    target_tls: TargetTLS | None = None
     config_file: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # metrics came from a source rather than the default: a taken default port is then no reason to stop
@@ -258,6 +265,20 @@ OPTIONS: tuple[Option, ...] = (
         "HOST",
     ),
     Option("listen", _listen, "addresses to listen on (default 127.0.0.1,::1)", "IPS"),
+    Option(
+        "tls",
+        parse_listen,
+        "terminate TLS on the TCP ports: cert=PEM[,key=PEM][,cafile=PEM][,verify=BOOL] (verify: require "
+        "client certificates, on by default with cafile)",
+        "SETTINGS",
+    ),
+    Option(
+        "target_tls",
+        parse_target,
+        "speak TLS to the target: on, or cafile=PEM,verify=BOOL,server_name=NAME,sni=BOOL,cert=PEM,key=PEM "
+        "(default off; on verifies against the system store)",
+        "SETTINGS",
+    ),
     Option("connect_timeout", _positive_duration, "time to connect to the target (default 5s)", "DURATION"),
     Option(
         "connect_retry",
@@ -306,7 +327,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 FILE_KEYS = (*OPTION_BY_KEY, "routes")
-ROUTE_KEYS = ("name", "listen", "target", "protocol", "mode")
+ROUTE_KEYS = ("name", "listen", "target", "protocol", "mode", "tls", "target_tls")
 ENV_NAMES = {o.env for o in OPTIONS} | {"RELAY_CONFIG"}
 
 
@@ -525,6 +546,13 @@ def build(
             raise ConfigError(f"{item.source}: {err}") from None
     ports: tuple[PortMap, ...] = values.pop("ports", ())
     base = Config(**values, config_file=config_file, warnings=warnings)
+    for key in ("tls", "target_tls"):
+        udp = [str(pm.listen) for pm in ports if pm.protocol == "udp"]
+        if values.get(key) is not None and udp:
+            raise ConfigError(
+                f"{raw[key].source}: TLS is for TCP, and {raw['ports'].source} has UDP port {udp[0]}; "
+                "expected TCP ports only, or routes: with tls / target_tls on the TCP ones"
+            )
     routes = [_port_route(pm, base) for pm in ports]
     sources = [raw["ports"].source] * len(routes) if routes else []
     if "routes" in raw:
@@ -555,9 +583,10 @@ def _port_route(pm: PortMap, base: Config) -> Route:
     else:
         name = f"{pm.protocol}/{pm.listen}"
         listen = tuple(HostPort(ip, pm.listen) for ip in base.listen)
+    tls, target_tls = base.tls, base.target_tls
     if isinstance(pm.target, UnixAddress):
-        return Route(name, listen, pm.target.host, 0, pm.protocol)
-    return Route(name, listen, base.target, pm.target, pm.protocol)
+        return Route(name, listen, pm.target.host, 0, pm.protocol, tls, target_tls)
+    return Route(name, listen, base.target, pm.target, pm.protocol, tls, target_tls)
 
 
 def _mode(value: object) -> int:
@@ -621,7 +650,19 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
             name = _route_name(entry.get("name"), default)
         except AddressError as err:
             raise ConfigError(f"{keys.get('name', where)}: {err}") from None
-        routes.append((Route(name, listen, target_host, target_port, protocol), where))
+        try:
+            tls = parse_listen(entry["tls"]) if "tls" in entry else None
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('tls', where)}: tls: {err}") from None
+        try:
+            target_tls = parse_target(entry["target_tls"]) if "target_tls" in entry else None
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('target_tls', where)}: target_tls: {err}") from None
+        if protocol == "udp" and (tls or target_tls):
+            raise ConfigError(
+                f"{where}: TLS is for TCP routes; expected protocol: tcp with tls or target_tls"
+            )
+        routes.append((Route(name, listen, target_host, target_port, protocol, tls, target_tls), where))
     return routes
 
 

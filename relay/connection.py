@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from relay import hints
-from relay.address import HostPort, UnixAddress, format_hostport, format_target
+from relay import hints, tls
+from relay.address import AddressError, HostPort, UnixAddress, format_hostport, format_target
 from relay.config import Config, Route
+from relay.listener import ListenError
 from relay.logs import RateLimited
 from relay.pump import Side, reset, set_socket_options, tcp_closed
 from relay.stats import RouteStats
@@ -94,6 +96,17 @@ class RouteContext:
     resolver: Resolver
     stats: RouteStats
     shared: Shared
+    # TLS on the listen side and towards the target (tls.py), made from the route's settings.
+    server_tls: ssl.SSLContext | None = field(init=False, default=None)
+    target_tls: tls.TargetSide | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        route = self.route
+        if route.tls is not None or route.target_tls is not None:
+            try:
+                self.server_tls, self.target_tls = tls.contexts(route.name, route.tls, route.target_tls)
+            except AddressError as err:  # a file changed since the config was read (tls.py rule 1)
+                raise ListenError(f"{route.name}: TLS: {err}") from None
 
 
 class Connection:
@@ -169,11 +182,27 @@ class Connection:
         """The pair's one task (listener.py rule 3): make the client's transport, which registers the
         pair (`_accepted`), then connect in the same task (a second task cost ~10 µs a connection)."""
         loop = asyncio.get_running_loop()  # once: each call is a getpid() system call on Python 3.11
+        server_tls = self.ctx.server_tls
         try:
-            await loop.connect_accepted_socket(self._client_side, sock)
-        except OSError as err:  # the client left between accept and here
+            if server_tls is None:
+                await loop.connect_accepted_socket(self._client_side, sock)
+            else:  # the handshake completes before the pair sees the client (tls.py rule 2)
+                await loop.connect_accepted_socket(
+                    self._client_side,
+                    sock,
+                    ssl=server_tls,
+                    ssl_handshake_timeout=self.ctx.shared.config.connect_timeout,
+                )
+        except OSError as err:  # the client left between accept and here, or its handshake failed
             sock.close()
-            log.debug("%s: a client left before it was taken over: %s", self.ctx.route.name, err)
+            ctx = self.ctx
+            if server_tls is not None:
+                warn = ctx.shared.warnings.warning
+                tls.handshake_failed(
+                    ctx.stats.tls_failures, warn, ctx.route.name, tls.LISTEN, ctx.route.tls, err
+                )
+            else:
+                log.debug("%s: a client left before it was taken over: %s", ctx.route.name, err)
             return
         if self.reason is not None or self.client.lost:
             return  # refused (limit, drain), or gone meanwhile: nothing to connect for
@@ -215,7 +244,19 @@ class Connection:
             own = self.ctx.shared.own
             if any((address, port) in own for address in resolution.addresses):
                 raise SelfLoop(f"{format_target(resolution.addresses[0], port)} is the relay's own")
-            await self.ctx.resolver.open(loop, self._target_side, resolution.addresses, port)
+            target_tls = self.ctx.target_tls
+            if target_tls is None:
+                await self.ctx.resolver.open(loop, self._target_side, resolution.addresses, port)
+            else:
+                name = target_tls.server_hostname(resolution.name)
+                await self.ctx.resolver.open(
+                    loop,
+                    self._target_side,
+                    resolution.addresses,
+                    port,
+                    ssl=target_tls.context,
+                    server_hostname=name,
+                )
         except BaseException as exc:
             self._write_off_target()
             if not isinstance(exc, asyncio.CancelledError) or not self._timed_out:
@@ -262,10 +303,17 @@ class Connection:
         where = format_target(name, route.target_port)
         if addresses and addresses != (name,):
             where += f" ({', '.join(addresses)})"
-        hint = hints.for_failure(reason, route.target, addresses)
         detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        key = f"connect:{route.name}:{reason}"
+        if reason == "tls":  # the TCP connect worked, the TLS handshake did not (tls.py rule 3)
+            why = tls.classify(exc)
+            ctx.stats.tls_failures[(tls.TARGET, why)] += 1
+            hint = tls.hint(tls.TARGET, route.target_tls, why, exc)
+            detail, key = f"handshake {why}, {detail}", f"{key}:{why}"
+        else:
+            hint = hints.for_failure(reason, route.target, addresses)
         ctx.shared.warnings.warning(
-            f"connect:{route.name}:{reason}",
+            key,
             f"{route.name}: cannot connect to {where} ({reason}: {detail})" + (f"; {hint}" if hint else ""),
             route=route.name,
             reason=reason,
@@ -281,6 +329,13 @@ class Connection:
         shared = self.ctx.shared
         if shared.own and self._loops_back(target.transport, shared.own):
             return
+        target_tls = self.ctx.target_tls
+        if (
+            target_tls is not None
+            and target_tls.check_after
+            and self._wrong_name(target_tls, target.transport)
+        ):
+            return
         keepalive = shared.config.keepalive
         if keepalive or shared.set_nodelay:
             set_socket_options(client.transport, keepalive=keepalive)
@@ -289,7 +344,7 @@ class Connection:
             target.transport.writelines(client.early)
             client.early = []
         if client.eof:
-            target.transport.write_eof()
+            _send_eof(target.transport)
         client.out = target.transport
         target.out = client.transport
         client.transport.resume_reading()
@@ -318,6 +373,16 @@ class Connection:
         self._connect_failed("loop", SelfLoop(f"{format_hostport(host, port)} is the relay's own"))
         return True
 
+    def _wrong_name(self, target_tls: tls.TargetSide, transport: asyncio.BaseTransport) -> bool:
+        """Without SNI, the target's verified certificate must still carry the expected name (tls.py
+        rule 4); checked before any byte is relayed."""
+        resolved = self.ctx.resolver.last
+        err = target_tls.mismatch(transport, resolved.name if resolved is not None else self.ctx.route.target)
+        if err is None:
+            return False
+        self._connect_failed("tls", err)
+        return True
+
     def _other(self, side: Side) -> Side:
         return self.target if side is self.client else self.client
 
@@ -327,7 +392,7 @@ class Connection:
             self.close("eof")
             return
         if other.transport is not None and not other.transport.is_closing():
-            other.transport.write_eof()
+            _send_eof(other.transport)
         timeout = self.ctx.shared.config.half_close_timeout
         if timeout and self._half_timer is None:
             self._half_timer = asyncio.get_running_loop().call_later(timeout, self.close, "idle_timeout")
@@ -449,6 +514,15 @@ def _gone(side: Side) -> bool:
     return (
         side.lost or transport is None or (transport.is_closing() and not transport.get_write_buffer_size())
     )
+
+
+def _send_eof(transport: asyncio.Transport) -> None:
+    """FIN towards a TCP side; a TLS side cannot half-close on either loop, so it is closed after
+    flushing (close_notify, then FIN: tls.py rule 2)."""
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()
 
 
 def _shut(side: Side, *, graceful: bool) -> None:

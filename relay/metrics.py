@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from relay import __version__
 from relay.netwatch import APP_REMOVED, STRANDED
 from relay.stats import CLOSE_REASONS, CONNECT_ERRORS, DROP_REASONS, Histogram
+from relay.tls import LISTEN, REASONS, TARGET
 
 if TYPE_CHECKING:
     from relay.server import Server
@@ -81,6 +82,7 @@ class RelayCollector(Collector):
             bytes_total.add_metric([name, "target_to_client"], udp.bytes_t2c)
         yield from (accepted, active, closed, errors, bytes_total, connect, duration, reaped)
         yield from self._udp()
+        yield tls_failures(server)
         yield self._listeners()
         yield self._targets()
         yield self._lookups()
@@ -170,6 +172,23 @@ class RelayCollector(Collector):
         )
         limit.add_metric([], self.server.config.max_connections)
         yield from (ready, limit)
+
+
+def tls_failures(server: Server) -> Metric:
+    """Failed TLS handshakes (relay/tls.py), each TLS side of a route with every reason: bounded labels."""
+    failures = CounterMetricFamily(
+        "relay_tls_handshake_failures",
+        "Failed TLS handshakes, by side (listen: with clients; target: with the target) and reason",
+        labels=["route", "side", "reason"],
+    )
+    for route in server.routes:
+        stats = server.stats.get(route.name)
+        sides = [side for side, on in ((LISTEN, route.tls), (TARGET, route.target_tls)) if on is not None]
+        for side in sides:
+            for reason in REASONS:
+                count = stats.tls_failures[(side, reason)] if stats is not None else 0
+                failures.add_metric([route.name, side, reason], count)
+    return failures
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:

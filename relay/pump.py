@@ -84,7 +84,9 @@ class Side(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self.owner.side_eof(self)
-        return True  # keep our transport open: the other direction may still be flowing
+        # Keep a TCP transport open: the other direction may still be flowing. A TLS transport cannot stay
+        # half-open on either loop (both warn when asked to): it closes after close_notify (tls.py rule 2).
+        return self.transport is None or self.transport.can_write_eof()
 
     def pause_writing(self) -> None:
         peer = self.out

@@ -4,6 +4,9 @@
     relay [-d…] [-T S] [-4|-6] UDP-LISTEN:port[,opts] UDP:host:port[,opts]     (also UDP-RECVFROM:port,fork)
     relay [-d…] TCP-LISTEN:port[,opts] UNIX-CONNECT:/path                       (also UNIX-CLIENT)
     relay [-d…] UNIX-LISTEN:/path[,fork][,mode=0666][,unlink-early] TCP:host:port[,opts]
+    relay [-d…] OPENSSL-LISTEN:port,cert=PEM[,key=PEM][,cafile=PEM][,verify=0|1][,opts] TCP:host:port
+    relay [-d…] TCP-LISTEN:port[,opts] OPENSSL:host:port[,cafile=PEM][,verify=0|1][,commonname=NAME]
+                [,openssl-no-sni][,cert=PEM,key=PEM]                              (also OPENSSL-CONNECT)
 
 so that a compose file written for alpine/socat only swaps its image. Differences from socat, on purpose:
 a listener without bind= also listens on ::1 (clients whose localhost is ::1 connect too), and a
@@ -30,12 +33,13 @@ from relay.config import ConfigError, Raw
 
 SOURCE = "socat argument"
 LISTEN_FORM = (
-    "expected TCP-LISTEN:PORT[,options] (also TCP-L, TCP4-LISTEN, TCP6-LISTEN) or UDP-LISTEN:PORT[,options] "
+    "expected TCP-LISTEN:PORT[,options] (also TCP-L, TCP4-LISTEN, TCP6-LISTEN, OPENSSL-LISTEN) or "
+    "UDP-LISTEN:PORT[,options] "
     "(also UDP4-LISTEN, UDP6-LISTEN, UDP-RECVFROM:PORT,fork) or UNIX-LISTEN:/PATH[,mode=0660]"
 )
 CONNECT_FORM = (
-    "expected TCP:HOST:PORT[,options] (also TCP-CONNECT, TCP4, TCP6) or UDP:HOST:PORT "
-    "(also UDP-CONNECT, UDP4, UDP6, UDP-SENDTO) or UNIX-CONNECT:/PATH (also UNIX-CLIENT)"
+    "expected TCP:HOST:PORT[,options] (also TCP-CONNECT, TCP4, TCP6, OPENSSL, OPENSSL-CONNECT) or "
+    "UDP:HOST:PORT (also UDP-CONNECT, UDP4, UDP6, UDP-SENDTO) or UNIX-CONNECT:/PATH (also UNIX-CLIENT)"
 )
 LISTEN_KEYWORDS = {
     "tcp-listen": "any",
@@ -50,6 +54,7 @@ LISTEN_KEYWORDS = {
     "udp-recvfrom": "any",
     "udp4-recvfrom": "ipv4",
     "udp6-recvfrom": "ipv6",
+    "openssl-listen": "any",
 }
 CONNECT_KEYWORDS = {
     "tcp": "any",
@@ -67,6 +72,28 @@ CONNECT_KEYWORDS = {
     "udp-sendto": "any",
     "udp4-sendto": "ipv4",
     "udp6-sendto": "ipv6",
+    "openssl": "any",
+    "openssl-connect": "any",
+}
+# TLS options (relay/tls.py), by socat's names and aliases -> the relay's settings key.
+TLS_LISTEN_OPTIONS = {
+    "cert": "cert",
+    "certificate": "cert",
+    "openssl-certificate": "cert",
+    "key": "key",
+    "openssl-key": "key",
+    "cafile": "cafile",
+    "openssl-cafile": "cafile",
+    "verify": "verify",
+    "openssl-verify": "verify",
+}
+TLS_CONNECT_OPTIONS = {
+    **TLS_LISTEN_OPTIONS,
+    "commonname": "server_name",
+    "cn": "server_name",
+    "openssl-commonname": "server_name",
+    "no-sni": "no_sni",
+    "openssl-no-sni": "no_sni",
 }
 # Socket files: a stream like TCP. UNIX-LISTEN is the first address, UNIX-CONNECT the second.
 UNIX_LISTEN = ("unix-listen", "unix-l")
@@ -362,6 +389,7 @@ def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None
     family = LISTEN_KEYWORDS[keyword]
     listen = {"any": ["0.0.0.0", "::1"], "ipv4": ["0.0.0.0"], "ipv6": ["::"]}[family]
     raw["ports"] = Raw(str(port), where)
+    options = _tls_options(keyword, options, where, "tls", raw)
     for option in options:
         name, _, value = option.partition("=")
         name = name.lower()
@@ -409,6 +437,7 @@ def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
         raise ConfigError(f"{where}: {err}") from None
     if CONNECT_KEYWORDS[keyword] != "any":
         raw["family"] = Raw(CONNECT_KEYWORDS[keyword], where)
+    options = _tls_options(keyword, options, where, "target_tls", raw)
     retries: int | None = None
     interval = 1.0
     for option in options:
@@ -435,6 +464,35 @@ def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
         budget = 365 * 86400.0 if retries < 0 else retries * interval
         raw["connect_retry"] = Raw(budget, where)
     return host, port
+
+
+def _tls_options(keyword: str, options: list[str], where: str, key: str, raw: dict[str, Raw]) -> list[str]:
+    """An OPENSSL address's TLS options as `raw[key]` (relay/tls.py settings); returns the other options.
+
+    As socat, verify is on unless verify=0: OPENSSL-LISTEN then requires client certificates (checked
+    against cafile, else the system store, which tls.py warns about), OPENSSL checks the target's.
+    """
+    if not keyword.startswith("openssl"):
+        return options
+    names = TLS_LISTEN_OPTIONS if key == "tls" else TLS_CONNECT_OPTIONS
+    settings: dict[str, object] = {"verify": "1"}
+    rest = []
+    for option in options:
+        name, eq, value = option.partition("=")
+        setting = names.get(name.lower())
+        if setting is None:
+            if name.lower() in TLS_CONNECT_OPTIONS or name.lower().startswith("openssl-"):
+                supported = ", ".join(sorted(names))
+                raise ConfigError(f"{where}: option {option!r} is not supported here; supported: {supported}")
+            rest.append(option)
+        elif setting == "no_sni":  # a bare flag is on, as socat's booleans
+            settings["sni"] = (
+                "0" if (value.strip().lower() if eq else "1") not in ("0", "false", "no") else "1"
+            )
+        else:
+            settings[setting] = value if eq else "1"
+    raw[key] = Raw(settings, where)
+    return rest
 
 
 def _udp_options(keyword: str, options: list[str], where: str) -> None:

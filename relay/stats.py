@@ -36,7 +36,7 @@ CLOSE_REASONS = (
     "limit",
     "fd_limit",
 )
-CONNECT_ERRORS = ("refused", "timeout", "unresolved", "loop", "missing", "denied", "other")
+CONNECT_ERRORS = ("refused", "timeout", "unresolved", "loop", "missing", "denied", "tls", "other")
 
 
 @dataclass(slots=True)
@@ -70,6 +70,7 @@ class RouteStats:
     bytes_t2c: int = 0
     connect_seconds: Histogram = field(default_factory=lambda: Histogram(CONNECT_BUCKETS))
     duration_seconds: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    tls_failures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (side, reason): relay/tls.py
 
 
 DROP_REASONS = ("limit", "buffer", "unreachable", "unresolved")

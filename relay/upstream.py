@@ -35,6 +35,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -216,9 +217,11 @@ class Resolver:
         factory: Callable[[], asyncio.BaseProtocol],
         addresses: tuple[str, ...],
         port: int,
+        **tls: Any,
     ) -> asyncio.BaseTransport:
-        """Connect to one of `addresses` (from `resolve()`) on `port`."""
-        return await open_connection(loop, factory, addresses, port)
+        """Connect to one of `addresses` (from `resolve()`) on `port`; `tls` is ssl= and server_hostname=
+        for create_connection when the route speaks TLS to its target (tls.py)."""
+        return await open_connection(loop, factory, addresses, port, **tls)
 
     # --- what connections use ---------------------------------------------------------------------------
 
@@ -418,10 +421,11 @@ class UnixTarget(Resolver):
         factory: Callable[[], asyncio.BaseProtocol],
         addresses: tuple[str, ...],
         port: int,
+        **tls: Any,
     ) -> asyncio.BaseTransport:
         sock = await connect_unix(addresses[0][len(UNIX) :])
         try:
-            transport, _ = await loop.create_unix_connection(factory, sock=sock)
+            transport, _ = await loop.create_unix_connection(factory, sock=sock, **tls)
         except BaseException:
             sock.close()
             raise
@@ -470,9 +474,11 @@ def backoff_delays(
 
 def classify(exc: BaseException) -> str:
     """A connect failure as a metrics reason: refused, timeout, unresolved, missing (no socket file at
-    the path), denied (the socket file's permissions) or other."""
+    the path), denied (the socket file's permissions), tls (the target's TLS handshake: tls.py) or other."""
     if isinstance(exc, ResolveError):
         return "unresolved"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -491,17 +497,19 @@ async def open_connection(
     factory: Callable[[], asyncio.BaseProtocol],
     addresses: tuple[str, ...],
     port: int,
+    **tls: Any,
 ) -> asyncio.BaseTransport:
     """Connect to the first address that answers; later ones start HAPPY_EYEBALLS_DELAY apart.
 
-    With several addresses the race is run on bare sockets, so that only the winner gets a protocol.
+    With several addresses the race is run on bare sockets, so that only the winner gets a protocol (and
+    a TLS handshake, with `tls`: ssl= and server_hostname=).
     """
     if len(addresses) == 1:
-        transport, _ = await loop.create_connection(factory, addresses[0], port)
+        transport, _ = await loop.create_connection(factory, addresses[0], port, **tls)
         return transport
     sock = await _race(loop, addresses, port)
     try:
-        transport, _ = await loop.create_connection(factory, sock=sock)
+        transport, _ = await loop.create_connection(factory, sock=sock, **tls)
     except BaseException:
         sock.close()
         raise

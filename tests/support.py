@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.address import HostPort
 from relay.config import Config, Route
 from relay.server import Server
+from relay.tls import ListenTLS, TargetTLS
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -27,10 +28,14 @@ async def relay(
     target: str = "127.0.0.1",
     protocol: str = "tcp",
     name: str = "test",
+    tls: ListenTLS | None = None,
+    target_tls: TargetTLS | None = None,
     **settings: Any,
 ) -> AsyncIterator[Server]:
-    """A relay with one route `name` from `listen` (port 0) to target:target_port; drained on exit."""
-    route = Route(name, tuple(HostPort(host, 0) for host in listen), target, target_port, protocol)
+    """A relay with one route `name` from `listen` (port 0) to target:target_port, with TLS on its listen
+    side and towards its target when given; drained on exit."""
+    listen_at = tuple(HostPort(host, 0) for host in listen)
+    route = Route(name, listen_at, target, target_port, protocol, tls, target_tls)
     settings.setdefault("drain_timeout", 1.0)
     settings.setdefault("metrics", None)
     server = Server(Config(routes=(route,), **settings))
