@@ -275,8 +275,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "target_tls",
         parse_target,
-        "speak TLS to the target: on, or cafile=PEM,verify=BOOL,server_name=NAME,sni=BOOL,cert=PEM,key=PEM "
-        "(default off; on verifies against the system store)",
+        "speak TLS to the target: on (verified against the system store), or cafile=PEM,verify=BOOL,"
+        "server_name=NAME,sni=BOOL,cert=PEM,key=PEM (default off)",
         "SETTINGS",
     ),
     Option("connect_timeout", _positive_duration, "time to connect to the target (default 5s)", "DURATION"),
