@@ -177,6 +177,7 @@ def parse(argv: list[str]) -> SocatArgs:
     notes: list[str] = []
     debug = 0
     addresses: list[str] = []
+    unsupported: str | None = None
     args = iter(argv)
     for arg in args:
         if not arg.startswith("-") or arg == "-":
@@ -199,15 +200,19 @@ def parse(argv: list[str]) -> SocatArgs:
         elif arg in IGNORED_FLAGS:
             notes.append(f"socat flag {arg} has no equivalent in relay; ignored")
         else:
-            raise ConfigError(
-                f"{SOURCE} {arg!r}: not supported; expected -d, -b N, -t S, -T S, -4 or -6 and two addresses"
-            )
+            unsupported = unsupported or arg
+    if len(addresses) == 2:
+        _refuse_non_relay(addresses)  # the more basic reason, when a line has both (-u with OPEN:)
+    if unsupported is not None:
+        raise ConfigError(
+            f"{SOURCE} {unsupported!r}: not supported; "
+            "expected -d, -b N, -t S, -T S, -4 or -6 and two addresses"
+        )
     if len(addresses) != 2:
         raise ConfigError(
             f"{SOURCE}s {' '.join(addresses)!r}: expected exactly two addresses, "
             "TCP-LISTEN:PORT[,options] then TCP:HOST:PORT[,options]"
         )
-    _refuse_non_relay(addresses)
     addresses[1] = _bare_path(addresses[1], notes)
     if _keyword(addresses[0]) in UNIX_LISTEN or _keyword(addresses[1]) in UNIX_CONNECT:
         _unix_pair(addresses, raw, notes)

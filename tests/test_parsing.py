@@ -362,7 +362,9 @@ def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds
         (["-", "tcp-l:8080,fork"], "STDIO is standard input and output"),
         (["tcp4-listen:80,fork", "STDOUT"], "STDOUT is standard output"),
         (["pty,raw,echo=0", "tcp:db:1"], "PTY makes a pseudo-terminal"),
-        (["-u", "tcp4-listen:80", "open:/tmp/x.log,creat"], "'-u': not supported"),
+        (["-u", "tcp4-listen:80", "tcp:db:1"], "'-u': not supported"),
+        # A line with both: the address no relay has is the reason given.
+        (["-u", "tcp4-listen:80", "open:/tmp/x.log,creat"], "OPEN opens a file"),
         (["tcp4-listen:80", "open:/tmp/x.log,creat"], "OPEN opens a file, which is not a network endpoint"),
         (["tcp-l:80", "PIPE"], "PIPE echoes data back within socat"),
         (["/dev/ttyS0", "tcp:db:1"], "a bare path (socat's GOPEN) opens an existing file"),
