@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PORTS_FORM = (
     "expected P, LO-HI, L:T, LLO-LHI:T or LLO-LHI:TLO-THI, each optionally /udp or /tcp; "
@@ -62,6 +62,8 @@ class PortMap:
     listen: int | UnixAddress
     target: int | UnixAddress
     protocol: str = "tcp"
+    # `LO-HI` of the range item this port came from ("" for a single port): its metrics series (config.py).
+    span: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +192,12 @@ def parse_port_item(item: str) -> list[PortMap]:
             f"{item!r} maps {lhi - llo + 1} listen ports to {thi - tlo + 1} target ports "
             f"(ranges of unequal width); {PORTS_FORM}"
         )
+    span = f"{llo}-{lhi}" if llo != lhi else ""
     if tlo != thi or llo == lhi:
         # 1:1, in order (docker-host collapses these onto the first port; we don't).
         offset = tlo - llo
-        return [PortMap(p, p + offset, protocol) for p in range(llo, lhi + 1)]
-    return [PortMap(p, tlo, protocol) for p in range(llo, lhi + 1)]
+        return [PortMap(p, p + offset, protocol, span) for p in range(llo, lhi + 1)]
+    return [PortMap(p, tlo, protocol, span) for p in range(llo, lhi + 1)]
 
 
 def parse_ports(text: str) -> tuple[PortMap, ...]:

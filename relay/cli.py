@@ -21,7 +21,7 @@ from relay import __version__, logs, socat
 from relay.config import OPTIONS, Config, ConfigError, Raw, load
 
 if TYPE_CHECKING:
-    from relay.server import Server
+    from relay.server import Endpoint, Server
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 EXIT_APP_RESTARTED = 75
@@ -185,12 +185,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
         return run_on_loop(factory, run_check(config))
     if command == "healthcheck":
-        from relay.health import healthcheck
+        from relay.probe import healthcheck
 
-        return healthcheck(config)
+        return healthcheck(config.metrics)
 
     async def serve() -> int:
-        server = Server(config, reload=reload)
+        server = Server(config, reload=reload, endpoint=http_endpoint)
         server.ignore_late_signals = True
         return await run_server(server)
 
@@ -198,6 +198,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     # collection takes ~1 ms instead of ~9 ms under load (issue 13, docs/benchmarks.md).
     gc.freeze()
     return run_on_loop(factory, serve())
+
+
+def http_endpoint(server: Server) -> Endpoint:
+    """/metrics, /healthz and /readyz for `server`, imported when first served (prometheus-client costs
+    ~50 ms of start-up, and metrics may be off until a reload turns them on)."""
+    from relay.health import HealthServer
+
+    return HealthServer(server)
 
 
 async def run_server(server: Server) -> int:

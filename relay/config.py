@@ -66,6 +66,14 @@ class Route:
     protocol: str = "tcp"
     tls: ListenTLS | None = None  # the relay terminates TLS on the listen side (relay/tls.py)
     target_tls: TargetTLS | None = None  # the relay speaks TLS to the target
+    # The metrics series this route counts in: a port range item (`tcp/8000-8999`) is one series, not
+    # one per port; "" is the route's own name. Not compared: a reload keeps the route and its listeners.
+    group: str = field(default="", compare=False)
+
+    @property
+    def series(self) -> str:
+        """The `route` label of this route's metrics and the key of its stats."""
+        return self.group or self.name
 
     def describe(self) -> str:
         listen = ", ".join(str(hp) for hp in self.listen)
@@ -584,9 +592,10 @@ def _port_route(pm: PortMap, base: Config) -> Route:
         name = f"{pm.protocol}/{pm.listen}"
         listen = tuple(HostPort(ip, pm.listen) for ip in base.listen)
     tls, target_tls = base.tls, base.target_tls
+    group = f"{pm.protocol}/{pm.span}" if pm.span else ""
     if isinstance(pm.target, UnixAddress):
-        return Route(name, listen, pm.target.host, 0, pm.protocol, tls, target_tls)
-    return Route(name, listen, base.target, pm.target, pm.protocol, tls, target_tls)
+        return Route(name, listen, pm.target.host, 0, pm.protocol, tls, target_tls, group)
+    return Route(name, listen, base.target, pm.target, pm.protocol, tls, target_tls, group)
 
 
 def _mode(value: object) -> int:

@@ -1,36 +1,40 @@
-"""The small HTTP server for /metrics, /healthz and /readyz, and the `relay healthcheck` command.
+"""The HTTP endpoint on the metrics address: /healthz, /readyz and /metrics, a view of the relay's state.
 
-It runs on the relay's own event loop (no thread), so a scrape reads counters between callbacks and
-never sees them half-updated. Requests are bounded in size and time; anything malformed gets a 400
-and the connection is closed. Nothing a client sends can stop the relay.
+It runs on the relay's own loop and reads the state through view.State; server.py does not import it
+(cli.py hands the server this class as its endpoint). Rules:
+1. Health is answered at once: a complete /healthz or /readyz request is answered in the callback that
+   read it, never behind a scrape (metrics.py renders in slices; other scrapers share one render).
+2. A client has HEADER_TIMEOUT from connecting to send its whole request head, and SEND_TIMEOUT to take
+   each part of the answer; otherwise it is closed (`timeout`, `slow`).
+3. At most MAX_CLIENTS clients are held (their descriptors come out of the relay's reserve). One more
+   closes the longest-held client (`evicted`), not the newcomer: sockets a neighbour holds open only get
+   themselves closed, they cannot lock the orchestrator's probe out.
+4. Every client closed that way is counted (relay_http_clients_closed_total) and logged at a limited rate.
+Nothing a client sends can stop the relay: anything malformed gets a 400 and the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import http.client
 import json
 import logging
-import sys
-from typing import TYPE_CHECKING
+from typing import cast
 
-from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, generate_latest
 
 from relay.address import HostPort
-from relay.config import Config
-from relay.metrics import CONTENT_TYPE, exposition, registry_for
-
-if TYPE_CHECKING:
-    from relay.server import Server
+from relay.logs import RateLimited
+from relay.metrics import CONTENT_TYPE, Metrics, counter
+from relay.view import State, readiness
 
 log = logging.getLogger("relay")
 
 MAX_REQUEST = 8192
-REQUEST_TIMEOUT = 5.0
-# Scrapers and probes at once; more are closed at once, so that slow or stuck HTTP clients cannot eat
-# the descriptors kept in reserve for the relay itself (server.FD_RESERVE).
-MAX_CLIENTS = 8
+HEADER_TIMEOUT = 1.0  # a prober or scraper sends its request head with the connection's first packet
+SEND_TIMEOUT = 10.0  # without taking any of the answer
+MAX_CLIENTS = 16
+CHUNK = 256 * 1024  # of a /metrics answer handed to the transport at a time
+CLOSE_REASONS = ("timeout", "evicted", "slow")
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -38,70 +42,82 @@ REASONS = {
     405: "Method Not Allowed",
     503: "Service Unavailable",
 }
-
-
-def readiness(server: Server) -> tuple[bool, dict[str, object]]:
-    """Ready when not draining, every configured address of every route is listening, and nothing in
-    `server.problems` says new connections would fail (slots or descriptors exhausted, stranded ...)."""
-    routes: dict[str, object] = {}
-    problems = sorted(server.problems.values())
-    ready = not server.draining and bool(server.routes) and not problems
-    for route, active in server.routes.items():
-        listening = [str(lst.address) for lst in active.listeners]
-        complete = len(active.listeners) >= len({hp.host for hp in route.listen} - server.skipped_hosts)
-        ready = ready and complete
-        routes[route.name] = {"listening": listening, "ready": complete and not server.draining}
-    status = "ready" if ready else ("draining" if server.draining else "not ready")
-    body: dict[str, object] = {"status": status, "routes": routes}
-    if problems:
-        body["reasons"] = problems
-    return ready, body
+WHY = {
+    "timeout": f"sent no complete request within {HEADER_TIMEOUT:g}s",
+    "evicted": f"was the longest held of {MAX_CLIENTS} clients when another connected",
+    "slow": f"took none of its answer for {SEND_TIMEOUT:g}s",
+}
 
 
 class HealthServer:
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.registry = registry_for(server, (PROCESS_COLLECTOR, PLATFORM_COLLECTOR))
+    """The endpoint: created by the server (as its endpoint factory) with the server's state."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self.metrics = Metrics(state, (self._own_metrics, _process_metrics))
+        self.address: HostPort | None = None
         self._http: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[Client, None] = {}  # held now, oldest first
+        self._tasks: set[asyncio.Task[None]] = set()  # /metrics answers being sent
+        self._warnings = RateLimited()
 
     async def start(self, address: HostPort) -> HostPort:
-        self._http = await asyncio.start_server(self._client, address.host, address.port, reuse_address=True)
-        port = self._http.sockets[0].getsockname()[1]
-        return HostPort(address.host, port)
+        loop = asyncio.get_running_loop()
+        self._http = await loop.create_server(
+            lambda: Client(self), address.host, address.port, reuse_address=True
+        )
+        self.address = HostPort(address.host, self._http.sockets[0].getsockname()[1])
+        return self.address
 
     async def close(self) -> None:
         if self._http is not None:
             self._http.close()
-        for task in list(self._clients):
+        for client in list(self._clients):
+            client.transport.abort()
+        self._clients.clear()
+        for task in list(self._tasks):
             task.cancel()
-        if self._clients:
-            await asyncio.wait(self._clients, timeout=1.0)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= MAX_CLIENTS:
-            writer.transport.abort()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-                status, ctype, body = self._respond(head)
-                writer.write(
-                    f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass  # a client that is slow, too long-winded or gone gets no answer
-        finally:
-            self._clients.discard(task)
-            writer.close()
+    # --- clients ---------------------------------------------------------------------------------------
 
-    def _respond(self, head: bytes) -> tuple[int, str, bytes]:
+    def admit(self, client: Client) -> None:
+        """Rule 3: hold the newcomer; past MAX_CLIENTS, close the longest-held client."""
+        while len(self._clients) >= MAX_CLIENTS:
+            oldest = next(iter(self._clients))
+            self.drop(oldest, "evicted")
+        self._clients[client] = None
+
+    def forget(self, client: Client) -> None:
+        self._clients.pop(client, None)
+
+    def drop(self, client: Client, reason: str) -> None:
+        """Close a client that broke rule 2 or 3; counted and logged at a limited rate."""
+        if client not in self._clients:
+            return  # already closed
+        self.forget(client)
+        client.transport.abort()
+        self.closed[reason] += 1
+        self._warnings.warning(
+            f"http:{reason}",
+            f"metrics and health on {self.address}: closed a client from {client.peer} that {WHY[reason]} "
+            "(a slow or idle client, or a neighbour holding sockets open; relay_http_clients_closed_total "
+            "counts them)",
+        )
+
+    def answer_metrics(self, client: Client) -> None:
+        task = asyncio.ensure_future(self._send_metrics(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_metrics(self, client: Client) -> None:
+        body = await self.metrics.render()
+        await client.send(200, CONTENT_TYPE, body)
+
+    def respond(self, head: bytes) -> tuple[int, str, bytes] | None:
+        """The answer to a request head; None for /metrics (answered by a task, rule 1)."""
         if len(head) > MAX_REQUEST:
             return 400, "text/plain", b"request too large\n"
         parts = head.split(b"\r\n", 1)[0].split()
@@ -111,31 +127,116 @@ class HealthServer:
         if method not in (b"GET", b"HEAD"):
             return 405, "text/plain", b"only GET\n"
         if target == b"/metrics":
-            return 200, CONTENT_TYPE, exposition(self.registry)
+            return None
         if target == b"/healthz":
             return 200, "application/json", b'{"status": "alive"}\n'
         if target == b"/readyz":
-            ready, body = readiness(self.server)
+            ready, body = readiness(self.state)
             return (200 if ready else 503), "application/json", json.dumps(body).encode() + b"\n"
         return 404, "text/plain", b"try /metrics, /healthz or /readyz\n"
 
+    def _own_metrics(self) -> str:
+        return counter(
+            "relay_http_clients_closed_total",
+            "Clients of the metrics and health port closed without an answer: timeout (no complete request "
+            f"within {HEADER_TIMEOUT:g}s), evicted (the longest held of {MAX_CLIENTS}, to make room), slow "
+            f"(took none of the answer for {SEND_TIMEOUT:g}s)",
+            "reason",
+            self.closed,
+        )
 
-def healthcheck(config: Config, timeout: float = 3.0) -> int:
-    """`relay healthcheck`: 0 when /readyz answers 200, 1 otherwise (for Docker's HEALTHCHECK)."""
-    if config.metrics is None:
-        print("relay: healthcheck: the health endpoint is off (RELAY_METRICS=off)", file=sys.stderr)
-        return 1
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.metrics.host, config.metrics.host)
-    conn = http.client.HTTPConnection(host, config.metrics.port, timeout=timeout)
-    try:
-        conn.request("GET", "/readyz")
-        response = conn.getresponse()
-        body = response.read().decode(errors="replace").strip()
-    except OSError as err:
-        print(f"relay: healthcheck: {HostPort(host, config.metrics.port)}: {err}", file=sys.stderr)
-        return 1
-    finally:
-        with contextlib.suppress(OSError):
-            conn.close()
-    print(body)
-    return 0 if response.status == 200 else 1
+
+_PROCESS = CollectorRegistry(auto_describe=True)
+_PROCESS.register(PROCESS_COLLECTOR)
+_PROCESS.register(PLATFORM_COLLECTOR)
+
+
+def _process_metrics() -> str:
+    """process_* and python_info from prometheus_client: a handful of series read from /proc."""
+    return generate_latest(_PROCESS).decode()
+
+
+class Client(asyncio.Protocol):
+    """One HTTP client: one request, one answer, then closed (Connection: close)."""
+
+    def __init__(self, endpoint: HealthServer) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport
+        self.peer = "?"
+        self._head = bytearray()
+        self._answered = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None  # set while the transport is paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = str(HostPort(peer[0], peer[1]))
+        self.endpoint.admit(self)
+        self._timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._expire, "timeout")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.endpoint.forget(self)
+        self._stop_timer()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)  # the sender sees the transport closing and stops
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return  # anything after the request head (a body, a pipelined request) is ignored
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 and len(self._head) <= MAX_REQUEST:
+            return
+        self._answered = True
+        self._stop_timer()
+        answer = self.endpoint.respond(bytes(self._head[: end + 4] if end >= 0 else self._head))
+        if answer is None:
+            self.endpoint.answer_metrics(self)
+        else:
+            self.transport.write(_head(*answer[:2], len(answer[2])) + answer[2])
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return self._answered  # a client that half-closes after its request still gets its answer
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+        self._timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._expire, "slow")
+
+    def resume_writing(self) -> None:
+        self._stop_timer()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    async def send(self, status: int, ctype: str, body: bytes) -> None:
+        """Write the answer a part at a time, waiting while the client has not taken the last one."""
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(_head(status, ctype, len(body)))
+        for start in range(0, len(body), CHUNK):
+            if self._writable is not None:
+                await self._writable
+            if transport.is_closing():
+                return
+            transport.write(body[start : start + CHUNK])
+        transport.close()
+
+    def _expire(self, reason: str) -> None:
+        self._timer = None
+        self.endpoint.drop(self, reason)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _head(status: int, ctype: str, length: int) -> bytes:
+    return (
+        f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    ).encode()

@@ -1,213 +1,346 @@
-"""Prometheus collectors, read from the server's plain counters at scrape time.
+"""The Prometheus text exposition of the relay's plain counters, rendered at scrape time.
 
-Nothing here runs per chunk or per connection: `RelayCollector.collect` walks the per-route stats and
-the live connections when Prometheus scrapes, so open connections' bytes are current to the last read.
-Labels are bounded: route names, reasons, directions and configured addresses, never a client address.
+Rules:
+1. Bounded series: one set per metrics series (`Route.series`: a route by its name, a port range item as
+   one `tcp/LO-HI`), never one per port of a range and never a client address. Label values that are
+   known are exported from the start, at 0 (every reason, every name of a target's lookup chain).
+2. A scrape never holds the loop for long: `render` works in slices of about SLICE seconds and lets the
+   loop run between them, so relayed traffic waits at most about one slice whatever the number of
+   routes. Scrapes that arrive while one renders share its result (one render, however many scrapers).
+3. Consistency: each series is read within one slice (a histogram's buckets, sum and count agree). Bytes
+   of open connections move into the route's stats when they close, so the bytes family is summed in one
+   step for all series (connections + series additions, no formatting), then formatted in slices.
+4. Nothing here runs per chunk or per connection, and this module reads the state through view.State.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from relay import __version__
+from relay.address import HostPort, format_hostport
 from relay.netwatch import APP_REMOVED, STRANDED
-from relay.stats import CLOSE_REASONS, CONNECT_ERRORS, DROP_REASONS, Histogram
-from relay.tls import LISTEN, REASONS, TARGET
-
-if TYPE_CHECKING:
-    from relay.server import Server
+from relay.stats import CLOSE_REASONS, CONNECT_ERRORS, DROP_REASONS, Histogram, RouteStats, UdpStats
+from relay.tls import LISTEN, TARGET
+from relay.tls import REASONS as TLS_REASONS
+from relay.upstream import chain_for
+from relay.view import State, readiness
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Integers are written as floats ("20.0"), as prometheus-client wrote them: scripts grep for them.
+SLICE = 0.002  # seconds of rendering between two turns of the loop
+CHECK_EVERY = 32  # pieces rendered between two looks at the clock
+LOOKUP_RESULTS = ("ok", "failed", "timeout")  # upstream.Resolver._lookup_name counts these
+DIRECTIONS = ("client_to_target", "target_to_client")
+
+Pieces = Iterator[str]
 
 
-class RelayCollector(Collector):
-    def __init__(self, server: Server) -> None:
-        self.server = server
+def label(value: str) -> str:
+    """A label value as the text format quotes it."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
-    def collect(self) -> Iterator[Metric]:
-        server = self.server
-        accepted = CounterMetricFamily("relay_connections_accepted", "Connections accepted", labels=["route"])
-        active = GaugeMetricFamily("relay_connections_active", "Connections open now", labels=["route"])
-        closed = CounterMetricFamily(
-            "relay_connections_closed", "Connections closed, by reason", labels=["route", "reason"]
+
+def header(name: str, kind: str, help_text: str) -> str:
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+
+
+def counter(name: str, help_text: str, key: str, values: Mapping[str, int]) -> str:
+    """A small counter family with one label (the HTTP endpoint's own counters)."""
+    lines = [header(name, "counter", help_text)]
+    lines.extend(f"{name}{{{key}={label(k)}}} {v}.0\n" for k, v in values.items())
+    return "".join(lines)
+
+
+class Metrics:
+    """Renders the exposition of one relay's state; `extra` adds families (the endpoint's own, the
+    process collector's) at the end."""
+
+    def __init__(self, state: State, extra: Iterable[Callable[[], str]] = ()) -> None:
+        self.state = state
+        self.extra = tuple(extra)
+        self._labels: dict[str, str] = {}  # series -> `route="..."`, escaped once
+        self._rendering: asyncio.Future[bytes] | None = None
+
+    async def render(self) -> bytes:
+        """The exposition now; a scrape arriving during a render gets that render's result."""
+        if self._rendering is None:
+            self._rendering = asyncio.ensure_future(self._render())
+            self._rendering.add_done_callback(self._done)
+        return await asyncio.shield(self._rendering)
+
+    def _done(self, _: asyncio.Future[bytes]) -> None:
+        self._rendering = None
+
+    async def _render(self) -> bytes:
+        parts: list[str] = []
+        started = time.perf_counter()
+        for count, piece in enumerate(self.pieces(), 1):
+            parts.append(piece)
+            if count % CHECK_EVERY == 0 and time.perf_counter() - started > SLICE:
+                await asyncio.sleep(0)
+                started = time.perf_counter()
+        for extra in self.extra:
+            parts.append(extra())
+        return "".join(parts).encode()
+
+    def render_now(self) -> bytes:
+        """The whole exposition in one go, holding the loop (tests and tools; the endpoint uses render)."""
+        return ("".join(self.pieces()) + "".join(extra() for extra in self.extra)).encode()
+
+    def _route(self, series: str) -> str:
+        text = self._labels.get(series)
+        if text is None:
+            text = self._labels[series] = f"route={label(series)}"
+        return text
+
+    # --- the families, each a run of pieces -----------------------------------------------------------
+
+    def pieces(self) -> Pieces:
+        state = self.state
+        tcp = list(state.stats.items())  # the series at the start: a reload may add some meanwhile
+        udp = list(state.udp.stats.items())
+        yield from self._per_series(
+            tcp, "relay_connections_accepted_total", "counter", "Connections accepted", lambda s: s.accepted
         )
-        errors = CounterMetricFamily(
-            "relay_connect_errors", "Failed connects to the target, by reason", labels=["route", "reason"]
+        yield from self._per_series(
+            tcp, "relay_connections_active", "gauge", "Connections open now", lambda s: s.active
         )
-        bytes_total = CounterMetricFamily(
-            "relay_bytes", "Bytes relayed, by direction", labels=["route", "direction"]
+        yield from self._by_reason(
+            tcp, "relay_connections_closed_total", "Connections closed, by reason", CLOSE_REASONS, "closed"
         )
-        connect = HistogramMetricFamily(
-            "relay_connect_duration_seconds", "Time to connect to the target", labels=["route"]
+        yield from self._by_reason(
+            tcp,
+            "relay_connect_errors_total",
+            "Failed connects to the target, by reason",
+            CONNECT_ERRORS,
+            "connect_errors",
         )
-        duration = HistogramMetricFamily(
-            "relay_connection_duration_seconds", "Lifetime of closed connections", labels=["route"]
+        yield from self._bytes(tcp, udp)
+        yield from self._histograms(
+            tcp, "relay_connect_duration_seconds", "Time to connect to the target", "connect_seconds"
         )
-        reaped = CounterMetricFamily(
-            "relay_connections_reaped",
+        yield from self._histograms(
+            tcp, "relay_connection_duration_seconds", "Lifetime of closed connections", "duration_seconds"
+        )
+        yield from self._per_series(
+            tcp,
+            "relay_connections_reaped_total",
+            "counter",
             "Connections the periodic audit finished because nothing else could (a loop bug; expect 0)",
-            labels=["route"],
+            lambda s: s.reaped,
         )
-        live: dict[str, tuple[int, int]] = {}
-        for conn in server.connections:
-            name = conn.ctx.route.name
-            c2t, t2c = live.get(name, (0, 0))
-            live[name] = (c2t + conn.bytes_c2t, t2c + conn.bytes_t2c)
-        for name, stats in server.stats.items():
-            accepted.add_metric([name], stats.accepted)
-            active.add_metric([name], stats.active)
-            for reason in CLOSE_REASONS:
-                closed.add_metric([name, reason], stats.closed[reason])
-            for reason in CONNECT_ERRORS:
-                errors.add_metric([name, reason], stats.connect_errors[reason])
-            c2t, t2c = live.get(name, (0, 0))
-            bytes_total.add_metric([name, "client_to_target"], stats.bytes_c2t + c2t)
-            bytes_total.add_metric([name, "target_to_client"], stats.bytes_t2c + t2c)
-            connect.add_metric([name], *_buckets(stats.connect_seconds))
-            duration.add_metric([name], *_buckets(stats.duration_seconds))
-            reaped.add_metric([name], stats.reaped)
-        for name, udp in server.udp.stats.items():
-            bytes_total.add_metric([name, "client_to_target"], udp.bytes_c2t)
-            bytes_total.add_metric([name, "target_to_client"], udp.bytes_t2c)
-        yield from (accepted, active, closed, errors, bytes_total, connect, duration, reaped)
-        yield from self._udp()
-        yield tls_failures(server)
-        yield self._listeners()
+        yield from self._udp(udp)
+        yield from self._tls()
+        yield from self._listeners()
         yield self._targets()
         yield self._lookups()
-        yield from self._app_watch()
-        yield from self._readiness()
-        build = InfoMetricFamily("relay_build", "relay-sidecar build", labels=[])
-        build.add_metric([], {"version": __version__})
-        yield build
+        yield self._singles()
 
-    def _udp(self) -> Iterator[Metric]:
+    def _per_series(
+        self, rows: list[tuple[str, Any]], name: str, kind: str, help_text: str, get: Callable[[Any], int]
+    ) -> Pieces:
+        yield header(name, kind, help_text)
+        for series, stats in rows:
+            yield f"{name}{{{self._route(series)}}} {get(stats)}.0\n"
+
+    def _by_reason(
+        self, rows: list[tuple[str, Any]], name: str, help_text: str, reasons: tuple[str, ...], field: str
+    ) -> Pieces:
+        """A counter by route and reason: every reason of every series, 0 until it happens."""
+        yield header(name, "counter", help_text)
+        for series, stats in rows:
+            route = self._route(series)
+            counts = getattr(stats, field)
+            yield "".join(f'{name}{{{route},reason="{r}"}} {counts[r]}.0\n' for r in reasons)
+
+    def _bytes(self, tcp: list[tuple[str, RouteStats]], udp: list[tuple[str, UdpStats]]) -> Pieces:
+        """Rule 3: closed + open bytes summed in one step, then formatted."""
+        live: dict[str, list[int]] = {}
+        for conn in self.state.connections:
+            sums = live.setdefault(conn.ctx.route.series, [0, 0])
+            sums[0] += conn.bytes_c2t
+            sums[1] += conn.bytes_t2c
+        none = [0, 0]
+        totals = [
+            (series, s.bytes_c2t + live.get(series, none)[0], s.bytes_t2c + live.get(series, none)[1])
+            for series, s in tcp
+        ]
+        totals.extend((series, u.bytes_c2t, u.bytes_t2c) for series, u in udp)
+        yield header("relay_bytes_total", "counter", "Bytes relayed, by direction")
+        for series, c2t, t2c in totals:
+            route = self._route(series)
+            yield (
+                f'relay_bytes_total{{{route},direction="client_to_target"}} {c2t}.0\n'
+                f'relay_bytes_total{{{route},direction="target_to_client"}} {t2c}.0\n'
+            )
+
+    def _histograms(self, tcp: list[tuple[str, RouteStats]], name: str, help_text: str, field: str) -> Pieces:
+        yield header(name, "histogram", help_text)
+        bucket, count, total = f"{name}_bucket", f"{name}_count", f"{name}_sum"
+        for series, stats in tcp:
+            hist: Histogram = getattr(stats, field)
+            route = self._route(series)
+            lines, running = [], 0
+            for le, n in zip(_les(hist.bounds), hist.counts, strict=True):
+                running += n
+                lines.append(f'{bucket}{{{route},le="{le}"}} {running}.0\n')
+            lines.append(f"{count}{{{route}}} {running}.0\n{total}{{{route}}} {hist.total!r}\n")
+            yield "".join(lines)
+
+    def _udp(self, udp: list[tuple[str, UdpStats]]) -> Pieces:
         """UDP routes (relay/udp.py): datagrams, sessions open now, drops by reason."""
-        datagrams = CounterMetricFamily(
-            "relay_datagrams", "UDP datagrams relayed, by direction", labels=["route", "direction"]
+        yield header("relay_datagrams_total", "counter", "UDP datagrams relayed, by direction")
+        for series, stats in udp:
+            route = self._route(series)
+            yield (
+                f'relay_datagrams_total{{{route},direction="client_to_target"}} {stats.datagrams_c2t}.0\n'
+                f'relay_datagrams_total{{{route},direction="target_to_client"}} {stats.datagrams_t2c}.0\n'
+            )
+        yield from self._per_series(
+            udp,
+            "relay_udp_sessions_active",
+            "gauge",
+            "UDP client addresses with a session open now",
+            lambda s: s.sessions,
         )
-        sessions = GaugeMetricFamily(
-            "relay_udp_sessions_active", "UDP client addresses with a session open now", labels=["route"]
-        )
-        dropped = CounterMetricFamily(
-            "relay_datagrams_dropped",
+        yield from self._by_reason(
+            udp,
+            "relay_datagrams_dropped_total",
             "UDP datagrams dropped: limit (max_udp_sessions), buffer (could not be sent at once), "
             "unreachable (ICMP error from the target), unresolved (target not resolved)",
-            labels=["route", "reason"],
+            DROP_REASONS,
+            "dropped",
         )
-        for name, udp in self.server.udp.stats.items():
-            datagrams.add_metric([name, "client_to_target"], udp.datagrams_c2t)
-            datagrams.add_metric([name, "target_to_client"], udp.datagrams_t2c)
-            sessions.add_metric([name], udp.sessions)
-            for reason in DROP_REASONS:
-                dropped.add_metric([name, reason], udp.dropped[reason])
-        yield from (datagrams, sessions, dropped)
 
-    def _listeners(self) -> Metric:
-        up = GaugeMetricFamily(
-            "relay_listener_up", "1 while the address is listening", labels=["route", "address"]
+    def _tls(self) -> Pieces:
+        """Failed TLS handshakes (relay/tls.py): each TLS side of a series with every reason."""
+        yield header(
+            "relay_tls_handshake_failures_total",
+            "counter",
+            "Failed TLS handshakes, by side (listen: with clients; target: with the target) and reason",
         )
-        for route, active in self.server.routes.items():
+        sides: dict[str, set[str]] = {}
+        for route in list(self.state.routes):
+            if route.tls is not None or route.target_tls is not None:
+                on = sides.setdefault(route.series, set())
+                on.update(side for side, tls in ((LISTEN, route.tls), (TARGET, route.target_tls)) if tls)
+        for series, on in sides.items():
+            stats = self.state.stats.get(series)
+            counts = stats.tls_failures if stats is not None else {}
+            name = self._route(series)
+            yield "".join(
+                f'relay_tls_handshake_failures_total{{{name},side="{side}",reason="{reason}"}} '
+                f"{counts.get((side, reason), 0)}.0\n"
+                for side in (LISTEN, TARGET)
+                if side in on
+                for reason in TLS_REASONS
+            )
+
+    def _listeners(self) -> Pieces:
+        """1 per configured address of a route; a port range has one `HOST:LO-HI` address per host,
+        1 while every port of the range listens there."""
+        yield header("relay_listener_up", "gauge", "1 while the address is listening")
+        ranges: dict[str, dict[str, list[int]]] = {}  # series -> host -> [ports, listening, lo, hi]
+        for route, active in list(self.state.routes.items()):
             bound = {lst.address.host: str(lst.address) for lst in active.listeners}
+            if not route.group:
+                series = self._route(route.series)
+                yield "".join(
+                    f"relay_listener_up{{{series},address={label(bound.get(want.host, str(want)))}}} "
+                    f"{1 if want.host in bound else 0}.0\n"
+                    for want in route.listen
+                )
+                continue
+            hosts = ranges.setdefault(route.series, {})
             for want in route.listen:
-                up.add_metric([route.name, bound.get(want.host, str(want))], 1 if want.host in bound else 0)
-        return up
+                if isinstance(want, HostPort):
+                    seen = hosts.setdefault(want.host, [0, 0, want.port, want.port])
+                    seen[0] += 1
+                    seen[1] += want.host in bound
+                    seen[2], seen[3] = min(seen[2], want.port), max(seen[3], want.port)
+        for series, hosts in ranges.items():
+            name = self._route(series)
+            yield "".join(
+                f"relay_listener_up{{{name},address={label(format_hostport(host, lo) + f'-{hi}')}}} "
+                f"{1 if listening == ports else 0}.0\n"
+                for host, (ports, listening, lo, hi) in hosts.items()
+            )
 
-    def _lookups(self) -> Metric:
-        """Lookups by configured target, the name asked (from its fixed chain) and result: bounded labels."""
-        lookups = CounterMetricFamily(
-            "relay_resolver_lookups",
-            "Name lookups made for each target (in the background), by name and result",
-            labels=["target", "host", "result"],
-        )
-        for resolver in self.server.resolvers.values():
-            for (name, result), count in sorted(resolver.lookups.items()):
-                lookups.add_metric([resolver.target, name, result], count)
-        return lookups
-
-    def _targets(self) -> Metric:
-        info = InfoMetricFamily("relay_target", "How each target resolved", labels=[])
-        for resolver in self.server.resolvers.values():
+    def _targets(self) -> str:
+        lines = [header("relay_target_info", "gauge", "How each target resolved")]
+        for resolver in self.state.resolvers.values():
             last = resolver.last
             if last is not None:
-                info.add_metric(
-                    [],
-                    {"target": resolver.target, "address": ",".join(last.addresses), "source": last.source},
+                lines.append(
+                    f"relay_target_info{{target={label(resolver.target)},"
+                    f"address={label(','.join(last.addresses))},source={label(last.source)}}} 1.0\n"
                 )
-        return info
+        return "".join(lines)
 
-    def _app_watch(self) -> Iterator[Metric]:
-        """Whether the app watch runs, and whether the relay is stranded in a namespace the app left."""
-        server = self.server
-        watching = GaugeMetricFamily(
-            "relay_app_watch", "1 while the relay follows the app container's restarts (app_watch)"
+    def _lookups(self) -> str:
+        """Lookups by configured target, the name asked (from its fixed chain) and result: every name of
+        the chain with every result from the start, at 0 (a literal target shows its one name)."""
+        lines = [
+            header(
+                "relay_resolver_lookups_total",
+                "counter",
+                "Name lookups made for each target (in the background), by name and result",
+            )
+        ]
+        for resolver in self.state.resolvers.values():
+            if resolver.last is not None and resolver.last.source == "unix":
+                continue  # a socket file is never looked up
+            counts = dict.fromkeys(
+                ((name, result) for name in chain_for(resolver.target) if name for result in LOOKUP_RESULTS),
+                0,
+            )
+            counts.update(resolver.lookups)
+            target = label(resolver.target)
+            lines.extend(
+                f"relay_resolver_lookups_total{{target={target},host={label(name)},result={label(result)}}} "
+                f"{count}.0\n"
+                for (name, result), count in counts.items()
+            )
+        return "".join(lines)
+
+    def _singles(self) -> str:
+        """The app watch, stranded, what /readyz answers, the connection limit, the build."""
+        state = self.state
+        stranded = STRANDED in state.problems or APP_REMOVED in state.problems
+        return "".join(
+            (
+                header(
+                    "relay_app_watch",
+                    "gauge",
+                    "1 while the relay follows the app container's restarts (app_watch)",
+                ),
+                f"relay_app_watch {1 if state.app_watch is not None else 0}.0\n",
+                header(
+                    "relay_stranded",
+                    "gauge",
+                    "1 while stranded: the namespace lost its interfaces, or the app container was removed",
+                ),
+                f"relay_stranded {1 if stranded else 0}.0\n",
+                header("relay_ready", "gauge", "1 while /readyz answers 200 (see its reasons when 0)"),
+                f"relay_ready {1 if readiness(state)[0] else 0}.0\n",
+                header(
+                    "relay_max_connections",
+                    "gauge",
+                    "Connections held open at most (max_connections, after the fd limit)",
+                ),
+                f"relay_max_connections {state.config.max_connections}.0\n",
+                header("relay_build_info", "gauge", "relay-sidecar build"),
+                f"relay_build_info{{version={label(__version__)}}} 1.0\n",
+            )
         )
-        watching.add_metric([], 1 if server.app_watch is not None else 0)
-        stranded = GaugeMetricFamily(
-            "relay_stranded",
-            "1 while stranded: the namespace lost its interfaces, or the app container was removed",
-        )
-        stranded.add_metric([], 1 if STRANDED in server.problems or APP_REMOVED in server.problems else 0)
-        yield from (watching, stranded)
-
-    def _readiness(self) -> Iterator[Metric]:
-        """What /readyz answers, and the connection limit (alert rules compare the open connections to it)."""
-        from relay.health import readiness  # health imports this module
-
-        ready = GaugeMetricFamily("relay_ready", "1 while /readyz answers 200 (see its reasons when 0)")
-        ready.add_metric([], 1 if readiness(self.server)[0] else 0)
-        limit = GaugeMetricFamily(
-            "relay_max_connections", "Connections held open at most (max_connections, after the fd limit)"
-        )
-        limit.add_metric([], self.server.config.max_connections)
-        yield from (ready, limit)
 
 
-def tls_failures(server: Server) -> Metric:
-    """Failed TLS handshakes (relay/tls.py), each TLS side of a route with every reason: bounded labels."""
-    failures = CounterMetricFamily(
-        "relay_tls_handshake_failures",
-        "Failed TLS handshakes, by side (listen: with clients; target: with the target) and reason",
-        labels=["route", "side", "reason"],
-    )
-    for route in server.routes:
-        stats = server.stats.get(route.name)
-        sides = [side for side, on in ((LISTEN, route.tls), (TARGET, route.target_tls)) if on is not None]
-        for side in sides:
-            for reason in REASONS:
-                count = stats.tls_failures[(side, reason)] if stats is not None else 0
-                failures.add_metric([route.name, side, reason], count)
-    return failures
-
-
-def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
-    """Cumulative (le, count) pairs ending with +Inf, and the sum."""
-    cumulative: list[tuple[str, float]] = []
-    running = 0
-    for bound, count in zip((*hist.bounds, float("inf")), hist.counts, strict=True):
-        running += count
-        cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
-    return cumulative, hist.total
-
-
-def registry_for(server: Server, extra: Iterable[Collector] = ()) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(RelayCollector(server))
-    for collector in extra:
-        registry.register(collector)
-    return registry
-
-
-def exposition(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+@functools.cache
+def _les(bounds: tuple[float, ...]) -> list[str]:
+    """The `le` values of a histogram's buckets, +Inf last."""
+    return [*(repr(float(b)) for b in bounds), "+Inf"]

@@ -27,7 +27,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from relay import __version__, logs
 from relay.address import HostPort, format_hostport, format_target, is_loopback
@@ -40,14 +40,19 @@ from relay.stats import RouteStats
 from relay.udp import UdpHub, UdpListener, UdpRoute
 from relay.upstream import CHAIN, Lookup, Resolver, target_for
 
-if TYPE_CHECKING:
-    from relay.health import HealthServer
-
 log = logging.getLogger("relay")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FDS_PER_CONNECTION = 2
 FD_RESERVE = 64
+
+
+class Endpoint(Protocol):
+    """The HTTP endpoint on the metrics address (relay/health.py): a view of this server's state that
+    this module does not import; the entry point (cli.py) passes its class as `endpoint`."""
+
+    async def start(self, address: HostPort) -> HostPort: ...
+    async def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -64,8 +69,10 @@ class Server:
         reload: Callable[[], Config] | None = None,
         lookup: Lookup | None = None,
         app_watch_file: str = HOSTNAME_FILE,  # tests only: the file the app watch follows
+        endpoint: Callable[[Server], Endpoint] | None = None,  # serves config.metrics; None: not served
     ) -> None:
         self.config = config
+        self._endpoint = endpoint
         self._lookup = lookup
         self._reload_config = reload
         self.shared = Shared(config)
@@ -74,7 +81,7 @@ class Server:
         self.udp = UdpHub(self.shared)  # UDP routes' sessions and stats (relay/udp.py)
         self.resolvers: dict[tuple[str, str], Resolver] = {}
         self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
-        self.health: HealthServer | None = None
+        self.health: Endpoint | None = None
         self.health_address: HostPort | None = None  # as bound (the real port when 0 was asked for)
         self._reserve = Reserve()  # one descriptor kept back to reset clients when none is left
         self.audit = Audit(self.shared, reserve=FD_RESERVE // 2)
@@ -133,9 +140,9 @@ class Server:
         )
 
     async def _start_health(self, address: HostPort) -> None:
-        from relay.health import HealthServer  # prometheus-client costs ~50 ms of start-up: only when used
-
-        self.health = HealthServer(self)
+        if self._endpoint is None:
+            return
+        self.health = self._endpoint(self)
         try:
             self.health_address = await self.health.start(address)
         except OSError as err:

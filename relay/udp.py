@@ -72,7 +72,7 @@ class UdpHub:
 
     async def open(self, route: Route, resolver: Resolver, *, skipped: set[str]) -> UdpRoute:
         """Bind every listen address of the route; on failure close what was bound and raise ListenError."""
-        udp = UdpRoute(route, resolver, self.stats.setdefault(route.name, UdpStats()), self)
+        udp = UdpRoute(route, resolver, self.stats.setdefault(route.series, UdpStats()), self)
         try:
             await udp.bind(skipped)
         except BaseException:

@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.address import HostPort
+from relay.cli import http_endpoint
 from relay.config import Config, Route
 from relay.server import Server
 from relay.tls import ListenTLS, TargetTLS
@@ -38,7 +39,7 @@ async def relay(
     route = Route(name, listen_at, target, target_port, protocol, tls, target_tls)
     settings.setdefault("drain_timeout", 1.0)
     settings.setdefault("metrics", None)
-    server = Server(Config(routes=(route,), **settings))
+    server = Server(Config(routes=(route,), **settings), endpoint=http_endpoint)
     await server.start()
     try:
         yield server

@@ -19,7 +19,7 @@ import pytest
 
 from relay.address import HostPort
 from relay.audit import AUDIT_SECONDS
-from relay.health import MAX_CLIENTS
+from relay.health import MAX_CLIENTS, HealthServer
 from relay.pump import TCP_CLOSE, Side, tcp_closed
 from tests.support import (
     RelayProcess,
@@ -233,9 +233,10 @@ def test_out_of_descriptors_resets_at_accept_counts_logs_and_recovers(loop: str)
 
 
 def test_metrics_server_caps_its_own_connections(run: Run) -> None:
-    """Steps: MAX_CLIENTS idle HTTP clients hold the health server; one more is closed at once rather than
-    held (so scrapers cannot eat the relay's descriptor reserve); relayed traffic is unaffected; once
-    the idle ones leave, /readyz answers again."""
+    """Steps: MAX_CLIENTS idle HTTP clients hold the health server; one more closes the longest-held one
+    (it reads EOF) rather than being turned away, and the server never holds more than MAX_CLIENTS (so
+    scrapers cannot eat the relay's descriptor reserve); relayed traffic is unaffected; /readyz answers
+    while the others are still held, and once they leave the server holds none."""
 
     async def scenario() -> None:
         async with (
@@ -243,25 +244,25 @@ def test_metrics_server_caps_its_own_connections(run: Run) -> None:
             relay(target, metrics=HostPort("127.0.0.1", 0)) as server,
         ):
             health, address = server.health, server.health_address
-            assert health is not None and address is not None
+            assert isinstance(health, HealthServer) and address is not None
             idle = [await asyncio.open_connection(address.host, address.port) for _ in range(MAX_CLIENTS)]
             await wait_until(lambda: len(health._clients) == MAX_CLIENTS)
-            reader, writer = await asyncio.open_connection(address.host, address.port)
+            newest = await asyncio.open_connection(address.host, address.port)
             async with asyncio.timeout(2):
                 try:
-                    assert await reader.read() == b""
+                    assert await idle[0][0].read() == b""
                 except ConnectionResetError:
                     pass
-            writer.close()
+            assert len(health._clients) == MAX_CLIENTS
             r, w = await asyncio.open_connection("127.0.0.1", port_of(server))
             w.write(b"relayed")
             w.write_eof()
             assert await r.read() == b"relayed"
             w.close()
-            for _, idle_writer in idle:
+            assert (await http_get(address, "/readyz"))[0] == 200
+            for _, idle_writer in [*idle, newest]:
                 idle_writer.close()
             await wait_until(lambda: not health._clients)
-            assert (await http_get(address, "/readyz"))[0] == 200
 
     run(scenario())
 

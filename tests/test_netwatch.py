@@ -309,7 +309,9 @@ path = sys.argv[1]
 _, config, reload = cli.parse(sys.argv[2:], {})
 logs.setup(config.log_level, config.log_format)
 async def main() -> int:
-    return await cli.run_server(Server(config, reload=reload, app_watch_file=path))
+    return await cli.run_server(
+        Server(config, reload=reload, app_watch_file=path, endpoint=cli.http_endpoint)
+    )
 sys.exit(cli.run_on_loop(cli.loop_factory(config.loop), main()))
 """
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relay.address import HostPort
+from relay.cli import http_endpoint
 from relay.server import Server
 from tests.support import (
     echo,
@@ -109,7 +110,7 @@ def test_health_and_readiness(run: Run) -> None:
 
     async def scenario() -> None:
         async with tcp_server(echo) as target:
-            server = Server(_config(target))
+            server = Server(_config(target), endpoint=http_endpoint)
             await server.start()
             assert server.health_address is not None
             address = server.health_address

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from relay.address import HostPort
+from relay.cli import http_endpoint
 from relay.config import Config, Route
 from relay.server import Server
 from relay.upstream import Resolution, ResolveError, Resolver, SystemLookup
@@ -353,7 +354,9 @@ def test_system_lookup_runs_one_thread_per_name_at_a_time(run: Run) -> None:
 def server_for(target_port: int, names: Names, **settings: Any) -> Server:
     route = Route("test", (HostPort("127.0.0.1", 0),), "db.test", target_port)
     settings.setdefault("metrics", None)
-    return Server(Config(routes=(route,), drain_timeout=1.0, **settings), lookup=names)
+    return Server(
+        Config(routes=(route,), drain_timeout=1.0, **settings), lookup=names, endpoint=http_endpoint
+    )
 
 
 def test_ready_before_any_lookup_answers_and_early_connections_wait(run: Run) -> None:

@@ -21,9 +21,9 @@ from relay import cli
 from relay.address import AddressError, HostPort, PortMap, parse_ports
 from relay.check import run_check
 from relay.config import Config, ConfigError, Raw, Route, load
-from relay.health import readiness
 from relay.server import Server
 from relay.udp import EARLY_DATAGRAMS, LIMIT_PROBLEM
+from relay.view import readiness
 from tests.support import echo, relay, scrape, tcp_server, value, wait_until
 
 Run = Callable[..., Any]

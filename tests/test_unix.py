@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from relay import check, hints, socat
 from relay.address import AddressError, HostPort, PortMap, UnixAddress, parse_port_item, parse_ports
+from relay.cli import http_endpoint
 from relay.config import Config, ConfigError, Route, load
 from relay.listener import ListenError
 from relay.server import Server
@@ -263,7 +264,7 @@ async def unix_server(handler: Handler, path: Path) -> AsyncIterator[Path]:
 async def relay_of(*routes: Route, **settings: Any) -> AsyncIterator[Server]:
     settings.setdefault("drain_timeout", 1.0)
     settings.setdefault("metrics", None)
-    server = Server(Config(routes=routes, **settings))
+    server = Server(Config(routes=routes, **settings), endpoint=http_endpoint)
     await server.start()
     try:
         yield server
@@ -590,6 +591,7 @@ def test_metrics_readiness_and_reload_of_socket_routes(run: Run, sockdir: Path) 
                 reload=lambda: Config(
                     routes=(from_socket(b, port, name="sock2"), routes[1]), metrics=HostPort("127.0.0.1", 0)
                 ),
+                endpoint=http_endpoint,
             )
             await server.start()
             try:
