@@ -490,6 +490,8 @@ def _tls_options(keyword: str, options: list[str], where: str, key: str, raw: di
                 supported = ", ".join(sorted(names))
                 raise ConfigError(f"{where}: option {option!r} is not supported here; supported: {supported}")
             rest.append(option)
+        elif setting == "server_name" and not value.strip("\"'"):
+            continue  # commonname="" (seen with verify=0): no name given, as in socat
         elif setting == "no_sni":  # a bare flag is on, as socat's booleans
             settings["sni"] = (
                 "0" if (value.strip().lower() if eq else "1") not in ("0", "false", "no") else "1"

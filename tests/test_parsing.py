@@ -291,6 +291,12 @@ def test_socat_forms(argv: list[str], expected: dict[str, object]) -> None:
             {"ports": "80:1"},
             "keeps a connection open after one side's EOF",
         ),
+        # linagora/socat-client-server's client: commonname="" with verify=0 gives no name, as in socat.
+        (
+            ["tcp-l:3000,fork,retry", 'openssl:h:4000,verify=0,openssl-no-sni,openssl-commonname=""'],
+            {"target_tls": {"verify": "0", "sni": "0"}},
+            "retries a failed bind",
+        ),
         # perm= chmods the socket file after creating it; mode= while: the same bits.
         (["unix-listen:/run/a.sock,perm=0666,fork", "tcp:db:1"], {}, None),
     ],
