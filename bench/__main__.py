@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import harness, netns, proc, report, subjects, udp, unix
+from bench import harness, netns, proc, report, subjects, tls, udp, unix
 from bench.subjects import Subject
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,6 +275,9 @@ def render(
         ]
     # The Unix-socket target section (python -m bench.unix, issue 11) is measured apart: kept as it was.
     if kept := unix.carried(args.out / "benchmarks.md"):
+        lines += [*kept, ""]
+    # So is the TLS section (python -m bench.tls, issue 18).
+    if kept := unix.carried(args.out / "benchmarks.md", tls.BEGIN, tls.END):
         lines += [*kept, ""]
     lines += [
         "## How it is measured",

@@ -311,13 +311,14 @@ def report(
     return lines
 
 
-def merge(doc: Path, section: list[str]) -> None:
-    """Put the section into the report: in place of the last one, else before *How it is measured*."""
+def merge(doc: Path, section: list[str], begin: str = BEGIN, end: str = END) -> None:
+    """Put the section (between `begin` and `end`) into the report: in place of the last one, else before
+    *How it is measured*."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     block = "\n".join(section)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     elif "## How it is measured" in text:
         head, rest = text.split("## How it is measured", 1)
         text = head + block + "\n\n## How it is measured" + rest
@@ -326,14 +327,14 @@ def merge(doc: Path, section: list[str]) -> None:
     doc.write_text(text)
 
 
-def carried(doc: Path) -> list[str]:
+def carried(doc: Path, begin: str = BEGIN, end: str = END) -> list[str]:
     """The section of an earlier run, for `python -m bench` to keep when it rewrites the report."""
     if not doc.exists():
         return []
     text = doc.read_text()
-    if BEGIN not in text or END not in text:
+    if begin not in text or end not in text:
         return []
-    return (BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END).splitlines()
+    return (begin + text.split(begin, 1)[1].split(end, 1)[0] + end).splitlines()
 
 
 def main(argv_: list[str] | None = None) -> int:

@@ -111,3 +111,31 @@ def test_bench_unix_smoke(tmp_path: Path) -> None:
         assert needle in md, f"{needle!r} missing from the report"
     assert "round trip p50" in md and "new connections" in md and "Failed measurements: 0." in md
     assert _run_processes(run_id) == [], "the benchmark left processes behind"
+
+
+@pytest.mark.timeout(150)
+def test_bench_tls_smoke(tmp_path: Path) -> None:
+    """Steps: `python -m bench.tls --smoke` (TLS termination, issue 18) into a copy of a report; it exits 0
+    with every subject measured, puts its section before *How it is measured*, and leaves no process."""
+    missing = [t for t in ("openssl", "socat", "haproxy", "wrk", "nginx") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"benchmark tools missing: {' '.join(missing)} (Debian packages: openssl {DEBIAN})")
+    report = tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n\n## Loopback\n\n## How it is measured\n\n- ...\n")
+    run_id = f"smoke-tls-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.tls", "--smoke", "--out", str(report)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=140,
+        check=False,
+        env={**os.environ, "RELAY_BENCH_RUN": run_id},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    md = report.read_text()
+    assert md.index("## TLS termination") < md.index("## How it is measured")
+    for needle in ("relay ÷ haproxy", "client → server", "server → client", "new TLS connections"):
+        assert needle in md, f"{needle!r} missing from the report"
+    assert "Failed measurements: 0." in md and "| \u2013 |" not in md
+    assert _run_processes(run_id) == [], "the benchmark left processes behind"
