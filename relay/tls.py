@@ -268,9 +268,9 @@ def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
         ) from None
 
 
-def _load_trust(context: ssl.SSLContext, cafile: str | None) -> None:
+def _load_trust(context: ssl.SSLContext, cafile: str | None, purpose: ssl.Purpose) -> None:
     if cafile is None:
-        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        context.load_default_certs(purpose)
         return
     if b"-----BEGIN CERTIFICATE-----" not in _readable("cafile", cafile):
         raise AddressError(
@@ -289,7 +289,7 @@ def server_context(settings: ListenTLS) -> ssl.SSLContext:
     _load_chain(context, settings.cert, settings.key)
     if settings.verify:
         context.verify_mode = ssl.CERT_REQUIRED
-        _load_trust(context, settings.cafile)
+        _load_trust(context, settings.cafile, ssl.Purpose.CLIENT_AUTH)
     elif settings.cafile is not None:
         _readable("cafile", settings.cafile)  # named, so checked; unused without verify
     return context
@@ -298,7 +298,7 @@ def server_context(settings: ListenTLS) -> ssl.SSLContext:
 def client_context(settings: TargetTLS) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if settings.verify:
-        _load_trust(context, settings.cafile)
+        _load_trust(context, settings.cafile, ssl.Purpose.SERVER_AUTH)
         context.check_hostname = settings.sni  # without SNI the name is checked after the handshake
     else:
         context.check_hostname = False
