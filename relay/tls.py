@@ -117,7 +117,6 @@ TARGET_KEYS = {
     "server_name": "server_name",
     "commonname": "server_name",
     "sni": "sni",
-    "no_sni": "no_sni",  # socat's openssl-no-sni
     "cert": "cert",
     "certificate": "cert",
     "key": "key",
@@ -200,9 +199,7 @@ def parse_target(value: object) -> TargetTLS | None:
         cafile=_path("cafile", items["cafile"]) if "cafile" in items else None,
         verify=_flag("verify", items["verify"]) if "verify" in items else True,
         server_name=name,
-        sni=not _flag("no_sni", items["no_sni"])
-        if "no_sni" in items
-        else _flag("sni", items.get("sni", True)),
+        sni=_flag("sni", items["sni"]) if "sni" in items else True,
         cert=_path("cert", items["cert"]) if "cert" in items else None,
         key=_path("key", items["key"]) if "key" in items else None,
     )
