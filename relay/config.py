@@ -575,6 +575,7 @@ def build(
     _check_unique(routes, sources)
     _check_names(routes, sources)
     _check_not_itself(routes, sources)
+    _check_tls_names(routes, sources)
     return Config(
         **{**values, "routes": tuple(routes)},
         config_file=config_file,
@@ -759,6 +760,17 @@ def _check_names(routes: list[Route], sources: list[str]) -> None:
                 "expected a name of its own for each route (name: ...)"
             )
         first[route.name] = source
+
+
+def _check_tls_names(routes: list[Route], sources: list[str]) -> None:
+    """TLS to a socket file: the path is no name a certificate carries, so the name must be given."""
+    for route, source in zip(routes, sources, strict=True):
+        tls = route.target_tls
+        if tls is not None and tls.verify and tls.server_name is None and is_unix(route.target):
+            raise ConfigError(
+                f"{source}: route {route.name} speaks TLS to the socket file {route.target}, which has no "
+                "host name to check its certificate against; expected server_name (socat: commonname=)"
+            )
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})

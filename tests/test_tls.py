@@ -26,8 +26,21 @@ from relay.address import HostPort
 from relay.config import ConfigError, Raw, build, from_env, from_file
 from relay.server import Server
 from relay.tls import ListenTLS, TargetTLS, names_match, parse_listen, parse_target
-from tests.support import Handler, echo, port_of, relay, scrape, tcp_server, tracked_server, value, wait_until
+from tests.support import (
+    Handler,
+    connect_when_ready,
+    echo,
+    port_of,
+    relay,
+    scrape,
+    tcp_server,
+    tracked_server,
+    unused_port,
+    value,
+    wait_until,
+)
 from tests.test_cli import run_relay
+from tests.test_unix import REDIS_REASON, redis
 
 Run = Callable[..., Any]
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
@@ -546,6 +559,15 @@ def test_bad_tls_values_name_the_value_and_the_form(certs: Certs, tmp_path: Path
         )
 
 
+def test_tls_to_a_socket_file_needs_the_name_to_check(certs: Certs) -> None:
+    raw = {"ports": Raw("443:unix:/run/db.sock", "RELAY_PORTS"), "target_tls": Raw("on", "RELAY_TARGET_TLS")}
+    with pytest.raises(ConfigError, match="RELAY_PORTS: route tcp/443 speaks TLS to the socket file"):
+        build(raw)
+    raw["target_tls"] = Raw("server_name=db.internal", "RELAY_TARGET_TLS")
+    (route,) = build(raw).routes
+    assert route.target_tls == TargetTLS(server_name="db.internal")
+
+
 def test_bad_tls_file_is_one_line_and_exit_2(certs: Certs, tmp_path: Path) -> None:
     result = run_relay(
         [f"openssl-listen:8443,cert={certs.server},key={certs.client_key},verify=0", "tcp:127.0.0.1:80"], {}
@@ -563,3 +585,88 @@ def test_parse_target_on_off() -> None:
     assert parse_target(True) == TargetTLS()
     with pytest.raises(Exception, match="is not a TLS setting"):
         parse_listen({"server_name": "x"})
+
+
+# --- real clients and servers: Redis over TLS ------------------------------------------------------------
+
+
+async def redis_cli(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "redis-cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    return out.decode().strip()
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None, reason=REDIS_REASON
+)
+def test_redis_cli_tls_with_a_client_certificate_through_the_relay(
+    run: Run, certs: Certs, tmp_path: Path
+) -> None:
+    """Steps: a plain redis-server; a route with mTLS in front of it; `redis-cli --tls` with the CA and a
+    client certificate sets and gets a 100 kB value; without the certificate it is refused and counted."""
+    port = unused_port()
+    big = "x" * 100_000
+
+    async def scenario() -> None:
+        settings = ListenTLS(certs.server, certs.server_key, cafile=certs.ca, verify=True)
+        async with relay(port, tls=settings) as server:
+            tls = [
+                "--tls",
+                "--cacert",
+                certs.ca,
+                "--sni",
+                "localhost",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port_of(server)),
+            ]
+            mine = ["--cert", certs.client, "--key", certs.client_key]
+            assert await redis_cli(*tls, *mine, "set", "k", big) == "OK"
+            assert await redis_cli(*tls, *mine, "get", "k") == big
+            proc = await asyncio.create_subprocess_exec(
+                "redis-cli", *tls, "ping", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            out, _ = await proc.communicate()
+            assert b"PONG" not in out
+            await wait_until(lambda: failures(server).get(("listen", "no_client_cert")) == 1)
+
+    with redis(tmp_path, port=port):
+        run(scenario())
+
+
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None, reason=REDIS_REASON
+)
+def test_plain_redis_cli_to_a_tls_only_redis_server_through_the_relay(
+    run: Run, certs: Certs, tmp_path: Path
+) -> None:
+    """Steps: redis-server listening with TLS only (its certificate from the CA, client certificates not
+    asked); plain `redis-cli` to the relay, which speaks TLS to it, verified against the CA by the name
+    localhost: SET and GET go through."""
+    tls_port = unused_port()
+    args = [
+        "--port", "0", "--tls-port", str(tls_port), "--tls-cert-file", certs.server, "--tls-key-file",
+        certs.server_key, "--tls-ca-cert-file", certs.ca, "--tls-auth-clients", "no", "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+    ]  # fmt: skip
+
+    async def scenario() -> None:
+        async with relay(tls_port, target_tls=TargetTLS(cafile=certs.ca, server_name="localhost")) as server:
+            plain = ["-h", "127.0.0.1", "-p", str(port_of(server))]
+            assert await redis_cli(*plain, "set", "k", "through tls") == "OK"
+            assert await redis_cli(*plain, "get", "k") == "through tls"
+            assert failures(server) == {}
+
+    with subprocess.Popen(
+        ["redis-server", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as server:
+        try:
+            connect_when_ready("127.0.0.1", tls_port).close()
+            run(scenario())
+        finally:
+            server.terminate()
+            server.wait(10)
