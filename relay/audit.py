@@ -8,9 +8,10 @@ Rules:
 2. A side that sent FIN is not read any more, so its later reset is never reported by the loop; the
    audit asks the kernel (TCP_INFO) about such sides and closes the pair as that side's reset. Without
    this, a client that half-closed and then gave up would hold a slot while its target stays silent.
-3. "Out of descriptors" (set when an accept failed for lack of one, listener.py) is cleared once the
-   process has headroom again, whether or not a client came since: readiness must not stay false on
-   its own, or an orchestrator would keep traffic away for good.
+3. "Out of descriptors" (set when a socket could not be made for lack of one: accept, target connect or
+   UDP session; Shared.out_of_descriptors) is cleared once the process has headroom again, whether or
+   not a client came since: readiness must not stay false on its own, or an orchestrator would keep
+   traffic away for good.
 4. Nothing here runs per connection; one walk of the live pairs every AUDIT_SECONDS.
 """
 
@@ -21,12 +22,11 @@ import logging
 import os
 import resource
 
-from relay.connection import Connection, Shared
+from relay.connection import FD_PROBLEM, Connection, Shared
 
 log = logging.getLogger("relay")
 
 AUDIT_SECONDS = 10.0
-FD_PROBLEM = "descriptors"
 
 
 def open_descriptors() -> int | None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from relay import hints, tls
 from relay.address import AddressError, HostPort, UnixAddress, format_hostport, format_target
@@ -28,7 +30,7 @@ from relay.listener import ListenError
 from relay.logs import RateLimited
 from relay.pump import Side, reset, set_socket_options, tcp_closed
 from relay.stats import RouteStats
-from relay.upstream import ResolveError, Resolver, backoff_delays, classify
+from relay.upstream import FD_LIMIT, ResolveError, Resolver, backoff_delays, classify
 
 log = logging.getLogger("relay")
 
@@ -37,6 +39,7 @@ log = logging.getLogger("relay")
 # connect resets the client on purpose: a FIN would turn into a reset anyway whenever the client had
 # sent bytes the relay never read, so only RST is the same every time, on both loops.
 GRACEFUL = frozenset({"eof", "idle_timeout"})
+FD_PROBLEM = "descriptors"  # the key in Shared.problems while descriptors run out (cleared by audit.py)
 
 
 @dataclass(slots=True)
@@ -55,6 +58,18 @@ class Shared:
     # (ip, port) that reach one of the relay's own listeners: what it listens on (own_addresses), and
     # addresses found at run time to lead back into it. A target among them is refused, not forwarded.
     own: set[tuple[str, int]] = field(default_factory=set)
+
+    def out_of_descriptors(self, route: str, err: OSError) -> None:
+        """A socket could not be made for lack of a descriptor (accept, target connect, UDP session): the
+        process's limit, never the target's fault. /readyz says so until the audit sees headroom again."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        message = (
+            f"out of file descriptors ({err.strerror}; limit {soft}): new connections are reset and new "
+            "UDP sessions refused at once; raise the limit (ulimits: nofile in compose) or lower "
+            "max_connections or max_udp_sessions"
+        )
+        self.problems[FD_PROBLEM] = message
+        self.warnings.warning("fd_limit", f"{route}: {message}", route=route)
 
 
 class _Finished:
@@ -221,6 +236,10 @@ class Connection:
                 await self._attempt(loop, config.connect_timeout)
             except Exception as exc:
                 reason = "loop" if isinstance(exc, SelfLoop) else classify(exc)
+                if reason == FD_LIMIT:  # the relay's own limit, not the target's: no connect error
+                    ctx.shared.out_of_descriptors(ctx.route.name, cast(OSError, exc))
+                    self.close(FD_LIMIT)
+                    return
                 delay = next(delays, None) if reason == "refused" else None
                 if delay is not None and self.reason is None:
                     await asyncio.sleep(delay)

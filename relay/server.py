@@ -31,7 +31,7 @@ from typing import Protocol
 
 from relay import __version__, logs
 from relay.address import HostPort, format_hostport, format_target, is_loopback
-from relay.audit import FD_PROBLEM, Audit
+from relay.audit import Audit
 from relay.config import AUTO, Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared, own_addresses
 from relay.listener import Listener, ListenError, Reserve, bind_error, open_route
@@ -226,17 +226,16 @@ class Server:
         """A client was reset at accept for lack of a descriptor (listener.py rule 1)."""
         ctx.stats.accepted += 1
         ctx.stats.closed["fd_limit"] += 1
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        message = (
-            f"out of file descriptors ({err.strerror}; limit {soft}): new connections are reset at once; "
-            "raise the limit (ulimits: nofile in compose) or lower max_connections"
-        )
-        self.problems[FD_PROBLEM] = message
-        self.shared.warnings.warning("fd_limit", f"{ctx.route.name}: {message}", route=ctx.route.name)
+        self.shared.out_of_descriptors(ctx.route.name, err)
 
     def _check_fd_limit(self, config: Config) -> None:
-        """Raise the open-files soft limit so max_connections cannot run into EMFILE; warn if it can't."""
-        need = config.max_connections * FDS_PER_CONNECTION + FD_RESERVE
+        """Raise the open-files soft limit so that max_connections (2 descriptors each), max_udp_sessions
+        (1 each, when a route is UDP) and the listeners cannot run into EMFILE; when it cannot be raised,
+        lower both limits in proportion and say so in one line."""
+        listeners = sum(len(route.listen) for route in config.routes) + (config.metrics is not None)
+        udp = config.max_udp_sessions if any(r.protocol == "udp" for r in config.routes) else 0
+        tcp = config.max_connections * FDS_PER_CONNECTION
+        need = tcp + udp + listeners + FD_RESERVE
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < need:
             new = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -245,18 +244,28 @@ class Server:
                 soft = new
             except (ValueError, OSError):
                 pass
-        if soft != resource.RLIM_INFINITY and soft < need:
-            fit = max(1, (soft - FD_RESERVE) // FDS_PER_CONNECTION)
-            log.warning(
-                "max_connections %d needs %d open files but the limit is %d; allowing %d connections "
-                "(raise it with ulimits: nofile in compose)",
-                config.max_connections,
-                need,
-                soft,
-                fit,
-            )
-            self.config = config = replace(config, max_connections=fit)
-            self.shared.config = config
+        if soft == resource.RLIM_INFINITY or soft >= need:
+            return
+        share = max(0, soft - listeners - FD_RESERVE) / (tcp + udp)  # what fits, kept in proportion
+        connections = max(1, int(config.max_connections * share))
+        sessions = max(1, int(udp * share)) if udp else config.max_udp_sessions
+        asked = f"max_connections {config.max_connections}" + (
+            f" and max_udp_sessions {udp} need" if udp else " needs"
+        )
+        log.warning(
+            "%s %d open files (%d per connection%s, 1 per listener, %d spare) but the limit is %d; "
+            "allowing %d connections%s (raise it with ulimits: nofile in compose)",
+            asked,
+            need,
+            FDS_PER_CONNECTION,
+            ", 1 per UDP session" if udp else "",
+            FD_RESERVE,
+            soft,
+            connections,
+            f" and {sessions} UDP sessions" if udp else "",
+        )
+        self.config = config = replace(config, max_connections=connections, max_udp_sessions=sessions)
+        self.shared.config = config
 
     # --- serve -------------------------------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ class RouteStats:
     tls_failures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (side, reason): relay/tls.py
 
 
-DROP_REASONS = ("limit", "buffer", "unreachable", "unresolved")
+DROP_REASONS = ("limit", "buffer", "unreachable", "unresolved", "evicted", "fd_limit")
 
 
 @dataclass(slots=True)

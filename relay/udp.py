@@ -14,12 +14,22 @@ Rules:
    grow before a target that never resolves; those are dropped (`unresolved`) when the wait fails.
 4. Idle sessions end in a coarse sweep, SWEEP_TICKS times per udp_idle_timeout: a session that saw no
    datagram either way for more than SWEEP_TICKS sweeps ends, so between 1 and 1.25 x the timeout.
-   No timer and no clock read per datagram.
-5. Past max_udp_sessions (over every UDP route), datagrams from new client addresses are dropped,
-   counted (`limit`) and logged at a limited rate; /readyz says so until a session ends.
-6. Per datagram: a buffer check, two counter adds and a send. Nothing else (no logging, no metrics call).
-   An empty datagram is a datagram too; asyncio before 3.13 silently skips sendto(b""), so that one goes
-   straight to the socket.
+   Sessions are kept in the order they were last active (moved at most once per sweep: a datagram only
+   compares its session's sweep number with the hub's), so a sweep looks at the ones that end and at one
+   more, never at every session; and it runs only while sessions are open: an idle relay has no timer.
+5. Past max_udp_sessions (over every UDP route), a new client takes the place of the least recently
+   active session of the client host (IP address) that holds the most sessions, if that host holds more
+   than the new client's own: one host flooding from many ports cannot lock out the others. Otherwise
+   (the new client's host holds the most already) its datagram is dropped. Both are counted (`evicted`,
+   `limit`) and logged at a limited rate; neither makes /readyz false, as any other host would still be
+   served (a flood cannot make the relay unready). No cap per host: behind a sidecar every client is
+   127.0.0.1, and may use every session when nobody else wants one.
+6. Per datagram: a sweep-number check, a buffer check, two counter adds and a send. Nothing else (no
+   logging, no metrics call). An empty datagram is a datagram too; asyncio before 3.13 silently skips
+   sendto(b""), so that one goes straight to the socket.
+7. A session socket that cannot be made for lack of a descriptor drops the datagram as `fd_limit` and
+   says so as the TCP side does (Shared.out_of_descriptors), never blaming the target. An ICMP error from
+   the target (`unreachable`) is logged at a limited rate with what it likely means.
 """
 
 from __future__ import annotations
@@ -29,16 +39,17 @@ import errno
 import functools
 import logging
 import socket
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from relay.address import HostPort
-from relay.config import Route
+from relay import hints
+from relay.address import HostPort, format_target
+from relay.config import UDP_IDLE_FLOOR, Route
 from relay.connection import Shared
 from relay.listener import NO_IPV6, ListenError, bind_error
 from relay.stats import UdpStats
-from relay.upstream import ResolveError, Resolver
+from relay.upstream import FD_LIMIT, ResolveError, Resolver, classify
 
 log = logging.getLogger("relay")
 
@@ -48,7 +59,6 @@ EARLY_DATAGRAMS = 16
 # syslog) instead of dropping; session sockets keep the default, as 4096 of them could add up.
 LISTEN_RCVBUF = 1 << 20
 SWEEP_TICKS = 4
-LIMIT_PROBLEM = "udp_sessions"
 
 Address = Any  # (host, port) or (host, port, flowinfo, scope_id), as the socket gives it
 
@@ -64,11 +74,18 @@ class Transport(Protocol):
 
 @dataclass(slots=True, eq=False)
 class UdpHub:
-    """What every UDP route shares: the session count that max_udp_sessions bounds, stats by route."""
+    """What every UDP route shares: the sessions that max_udp_sessions bounds, in the order they were last
+    active, overall (for the idle sweep) and by client host (for eviction); stats by route."""
 
     shared: Shared
     sessions: int = 0
     stats: dict[str, UdpStats] = field(default_factory=dict)
+    tick: int = 0  # sweeps so far
+    active: OrderedDict[Session, None] = field(default_factory=OrderedDict)  # least recent first
+    hosts: dict[str, OrderedDict[Session, None]] = field(default_factory=dict)  # the same, by host
+    by_count: dict[int, dict[str, None]] = field(default_factory=dict)  # n -> the hosts holding n
+    most: int = 0  # sessions of the host that holds the most
+    _sweep: asyncio.TimerHandle | None = None
 
     async def open(self, route: Route, resolver: Resolver, *, skipped: set[str]) -> UdpRoute:
         """Bind every listen address of the route; on failure close what was bound and raise ListenError."""
@@ -80,6 +97,75 @@ class UdpHub:
             raise
         return udp
 
+    # --- membership, recency and eviction (rules 4 and 5) ----------------------------------------------
+
+    def add(self, session: Session) -> None:
+        session.seen = self.tick
+        self.active[session] = None
+        mine = self.hosts.setdefault(session.host, OrderedDict())
+        self._recount(session.host, len(mine), len(mine) + 1)
+        mine[session] = None
+        self.sessions += 1
+        if self._sweep is None:
+            self._schedule_sweep()
+
+    def remove(self, session: Session) -> None:
+        del self.active[session]
+        mine = self.hosts[session.host]
+        del mine[session]
+        self._recount(session.host, len(mine) + 1, len(mine))
+        if not mine:
+            del self.hosts[session.host]
+        self.sessions -= 1
+        if not self.sessions and self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _recount(self, host: str, was: int, now: int) -> None:
+        """Keep `by_count` and `most` right as a host's count moves by one (O(1), no scan of hosts)."""
+        if was:
+            holders = self.by_count[was]
+            del holders[host]
+            if not holders:
+                del self.by_count[was]
+                if self.most == was:
+                    self.most = now
+        if now:
+            self.by_count.setdefault(now, {})[host] = None
+            self.most = max(self.most, now)
+
+    def touch(self, session: Session) -> None:
+        """The session's first datagram since the last sweep: it is the most recently active now."""
+        if session.closed:  # a datagram the loop read before the close took effect
+            return
+        session.seen = self.tick
+        self.active.move_to_end(session)
+        self.hosts[session.host].move_to_end(session)
+
+    def victim(self, host: str) -> Session | None:
+        """The session a new client of `host` may take the place of (rule 5), if any."""
+        if self.most <= len(self.hosts.get(host, ())):
+            return None
+        biggest = next(iter(self.by_count[self.most]))
+        return next(iter(self.hosts[biggest]))
+
+    def _schedule_sweep(self) -> None:
+        timeout = max(self.shared.config.udp_idle_timeout, UDP_IDLE_FLOOR)  # read each time: reload applies
+        self._sweep = asyncio.get_running_loop().call_later(timeout / SWEEP_TICKS, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        self._sweep = None
+        self.tick += 1
+        oldest_kept = self.tick - SWEEP_TICKS  # seen before it: quiet for more than SWEEP_TICKS sweeps
+        active = self.active
+        while active:
+            session = next(iter(active))
+            if session.seen >= oldest_kept:
+                break
+            session.close()  # leaves `active` (remove)
+        if self.sessions and self._sweep is None:
+            self._schedule_sweep()
+
 
 class UdpRoute:
     """One UDP route: its listening sockets, their sessions and the idle sweep."""
@@ -90,7 +176,6 @@ class UdpRoute:
         self.stats = stats
         self.hub = hub
         self.listeners: list[UdpListener] = []
-        self._sweep: asyncio.TimerHandle | None = None
 
     async def bind(self, skipped: set[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -121,57 +206,58 @@ class UdpRoute:
             self.listeners.append(listener)
         if not self.listeners:
             raise ListenError(f"{self.route.name}: no address to listen on ({self.route.describe()})")
-        self._schedule_sweep()
 
     def close(self) -> None:
         for listener in self.listeners:
             listener.close()
         self.listeners = []
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-
-    # --- the idle sweep (rule 4) ---------------------------------------------------------------------------
-
-    def _schedule_sweep(self) -> None:
-        interval = self.hub.shared.config.udp_idle_timeout / SWEEP_TICKS  # read each time: reload applies
-        self._sweep = asyncio.get_running_loop().call_later(interval, self._sweep_idle)
-
-    def _sweep_idle(self) -> None:
-        for listener in self.listeners:
-            for session in list(listener.sessions.values()):
-                session.quiet += 1
-                if session.quiet > SWEEP_TICKS:
-                    session.close()
-        self._schedule_sweep()
 
     # --- sessions ------------------------------------------------------------------------------------------
 
     def new_session(self, listener: UdpListener, client: Address) -> Session | None:
-        hub, config = self.hub, self.hub.shared.config
-        if hub.sessions >= config.max_udp_sessions:  # rule 5
-            self.stats.dropped["limit"] += 1
-            limit = config.max_udp_sessions
-            message = f"max_udp_sessions ({limit}) reached: datagrams from new client addresses are dropped"
-            hub.shared.problems[LIMIT_PROBLEM] = message
-            hub.shared.warnings.warning("udp_limit", f"{self.route.name}: {message}", route=self.route.name)
+        hub, host = self.hub, client[0]
+        limit = hub.shared.config.max_udp_sessions
+        if hub.sessions >= limit and not self._make_room(host, limit):  # rule 5
             return None
         session = Session(self, listener, client)
         listener.sessions[client] = session
-        hub.sessions += 1
+        hub.add(session)
         self.stats.sessions += 1
         session.start()
-        if session.closed:  # no route to the target's address: counted and logged by the session
-            self.stats.dropped["unreachable"] += 1
+        if session.closed:  # no descriptor, or no route to the target: counted and logged by the session
+            self.stats.dropped[session.failure] += 1
             return None
         return session
 
+    def _make_room(self, host: str, limit: int) -> bool:
+        """End the session a new client of `host` takes the place of (rule 5); False: drop its datagram."""
+        hub, name = self.hub, self.route.name
+        victim = hub.victim(host)
+        if victim is None:
+            self.stats.dropped["limit"] += 1
+            hub.shared.warnings.warning(
+                "udp_limit",
+                f"{name}: max_udp_sessions ({limit}) reached: datagrams from new ports of {host}, which "
+                f"holds the most sessions ({hub.most}), are dropped; other client addresses still get a "
+                "session (raise max_udp_sessions, or lower udp_idle_timeout)",
+                route=name,
+            )
+            return False
+        holder = victim.host
+        victim.stats.dropped["evicted"] += 1
+        hub.shared.warnings.warning(
+            "udp_evict",
+            f"{name}: max_udp_sessions ({limit}) reached: ended the least recently active session of "
+            f"{holder}, which holds the most ({hub.most}), to serve a new client from {host}",
+            route=name,
+        )
+        victim.close()
+        return True
+
     def session_ended(self, session: Session) -> None:
         session.listener.sessions.pop(session.client, None)
-        self.hub.sessions -= 1
+        self.hub.remove(session)
         self.stats.sessions -= 1
-        if self.hub.sessions < self.hub.shared.config.max_udp_sessions:
-            self.hub.shared.problems.pop(LIMIT_PROBLEM, None)
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -223,9 +309,12 @@ class Session(asyncio.DatagramProtocol):
         "client",
         "closed",
         "early",
+        "failure",
+        "host",
+        "hub",
         "listener",
         "opening",
-        "quiet",
+        "seen",
         "sock",
         "stats",
         "transport",
@@ -234,20 +323,24 @@ class Session(asyncio.DatagramProtocol):
 
     def __init__(self, udp: UdpRoute, listener: UdpListener, client: Address) -> None:
         self.udp = udp
+        self.hub = udp.hub
         self.stats = udp.stats
         self.listener = listener
         self.client = client
+        self.host: str = client[0]
         self.transport: Transport | None = None
         self.sock: socket.socket | None = None  # connected to the target; the transport's once attached
         self.opening: asyncio.Future[Any] | None = None  # resolving, or attaching the transport
         self.early: deque[bytes] = deque()  # while resolving (rule 3)
-        self.quiet = 0  # sweeps since the last datagram either way
+        self.seen = 0  # the hub's sweep number at the last datagram either way (rule 4)
+        self.failure = "unreachable"  # the drop reason of a session that could not open (_failed)
         self.closed = False
 
     # --- the hot path (rule 6) -----------------------------------------------------------------------
 
     def to_target(self, data: bytes) -> None:
-        self.quiet = 0
+        if self.seen != self.hub.tick:
+            self.hub.touch(self)
         transport = self.transport
         if transport is None:
             self._before_transport(data)
@@ -262,7 +355,8 @@ class Session(asyncio.DatagramProtocol):
                 self._send(self.sock, b"", None)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.quiet = 0
+        if self.seen != self.hub.tick:
+            self.hub.touch(self)
         out = self.listener.transport
         if out is None or self.listener.closed:
             return
@@ -287,12 +381,36 @@ class Session(asyncio.DatagramProtocol):
                 sock.sendto(data, to)
         except BlockingIOError:
             self.stats.dropped["buffer"] += 1
-        except OSError:  # ConnectionRefusedError: an ICMP error for an earlier datagram
-            self.stats.dropped["unreachable"] += 1
+        except OSError as err:  # ConnectionRefusedError: an ICMP error for an earlier datagram
+            self.error_received(err)
 
     def error_received(self, exc: Exception) -> None:
-        """ICMP port/host unreachable for a datagram sent earlier: counted; the session stays (rule 2)."""
+        """ICMP port/host unreachable for a datagram sent earlier: counted and logged at a limited rate;
+        the session stays (rule 2)."""
         self.stats.dropped["unreachable"] += 1
+        udp = self.udp
+        name, port = udp.route.name, udp.route.target_port
+        last = udp.resolver.last
+        addresses = last.addresses if last is not None else ()
+        where = format_target(addresses[0], port) if addresses else format_target(udp.route.target, port)
+        if not isinstance(exc, ConnectionRefusedError):
+            meaning = ""
+        elif addresses and hints.is_local(addresses[0]):
+            meaning = (
+                f": nothing listens on UDP port {port} at {addresses[0]}, an address of the relay's own "
+                "network namespace (the app container), not of the Docker host"
+            )
+        else:
+            meaning = (
+                f": nothing listens on UDP port {port} there (is the host service listening on 0.0.0.0 / "
+                "the docker0 address rather than 127.0.0.1?), or a firewall rejects it"
+            )
+        udp.hub.shared.warnings.warning(
+            f"udp_unreachable:{name}",
+            f"{name}: {where} answered a datagram with an ICMP error ({exc}){meaning}; "
+            "such datagrams are counted as dropped (unreachable)",
+            route=name,
+        )
 
     # --- opening and closing -----------------------------------------------------------------------------
 
@@ -352,16 +470,20 @@ class Session(asyncio.DatagramProtocol):
     def _failed(self, err: BaseException) -> None:
         udp = self.udp
         if isinstance(err, ResolveError | TimeoutError):
-            reason = "unresolved"
+            self.failure = "unresolved"
+        elif classify(err) == FD_LIMIT:  # rule 7: the relay's limit, not the target
+            self.failure = FD_LIMIT
+            udp.hub.shared.out_of_descriptors(udp.route.name, cast(OSError, err))
         else:
-            reason = "unreachable"
+            self.failure = "unreachable"
             udp.resolver.failed()
-        self.stats.dropped[reason] += len(self.early)
-        udp.hub.shared.warnings.warning(
-            f"udp_open:{udp.route.name}",
-            f"{udp.route.name}: cannot reach the target over UDP: {err}",
-            route=udp.route.name,
-        )
+        self.stats.dropped[self.failure] += len(self.early)
+        if self.failure != FD_LIMIT:
+            udp.hub.shared.warnings.warning(
+                f"udp_open:{udp.route.name}",
+                f"{udp.route.name}: cannot reach the target over UDP: {err}",
+                route=udp.route.name,
+            )
         self.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

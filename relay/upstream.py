@@ -57,6 +57,8 @@ LOOKUP_TIMEOUT = 2.0  # one name's lookup; slower counts as no answer
 STAGGER = 0.25  # ask the next name of the chain when the one before has not answered in this time
 FAILED_REFRESH_GAP = 5.0  # refreshes caused by connect failures are at least this far apart
 HAPPY_EYEBALLS_DELAY = 0.25
+FD_LIMIT = "fd_limit"  # the relay is out of descriptors (EMFILE: its own limit, ENFILE: the system's)
+NO_DESCRIPTOR = (errno.EMFILE, errno.ENFILE)
 FAMILIES = {"any": socket.AF_UNSPEC, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
 
@@ -474,7 +476,11 @@ def backoff_delays(
 
 def classify(exc: BaseException) -> str:
     """A connect failure as a metrics reason: refused, timeout, unresolved, missing (no socket file at
-    the path), denied (the socket file's permissions), tls (the target's TLS handshake: tls.py) or other."""
+    the path), denied (the socket file's permissions), tls (the target's TLS handshake: tls.py) or other;
+    or FD_LIMIT, the relay's own lack of a descriptor for the socket, which is no connect error at all
+    (connection.py closes the pair so)."""
+    if isinstance(exc, OSError) and exc.errno in NO_DESCRIPTOR:
+        return FD_LIMIT
     if isinstance(exc, ResolveError):
         return "unresolved"
     if isinstance(exc, ssl.SSLError):
@@ -568,8 +574,12 @@ async def _wait_first(
 
 
 def _most_telling(errors: list[BaseException]) -> BaseException:
-    """A refusal says more than an unreachable address family."""
+    """A refusal says more than an unreachable address family, and the relay's own lack of descriptors
+    more than whatever the other attempts met."""
     for exc in errors:
         if isinstance(exc, ConnectionRefusedError):
+            return exc
+    for exc in errors:
+        if classify(exc) == FD_LIMIT:
             return exc
     return errors[0]

@@ -129,7 +129,12 @@ async def http_get(address: HostPort, path: str) -> tuple[int, bytes]:
 async def scrape(server: Server) -> Samples:
     """The relay's /metrics, parsed the way Prometheus parses it: (name, labels) -> value."""
     assert server.health_address is not None
-    status, body = await http_get(server.health_address, "/metrics")
+    return await scrape_at(server.health_address)
+
+
+async def scrape_at(address: HostPort) -> Samples:
+    """/metrics of a relay (in this process or not) at `address`, parsed as scrape() does."""
+    status, body = await http_get(address, "/metrics")
     assert status == 200
     samples: Samples = {}
     for family in text_string_to_metric_families(body.decode()):

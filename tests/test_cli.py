@@ -225,9 +225,13 @@ def test_low_open_file_limit_caps_connections_instead_of_failing() -> None:
         ) as relay,
     ):
         warning = relay.wait_for("needs")
-        assert "max_connections 4096 needs" in warning and "allowing 16 connections" in warning
+        assert "max_connections 4096 needs 8257 open files" in warning
+        assert "allowing 15 connections" in warning
         relay.wait_for("ready")
-        clients = [connect_when_ready("127.0.0.1", listen) for _ in range(60)]
+        clients = []
+        for _ in range(60):
+            with contextlib.suppress(ConnectionResetError):  # turned away before connect() returned
+                clients.append(connect_when_ready("127.0.0.1", listen))
         served = 0
         for client in clients:
             try:

@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +22,7 @@ from relay.address import AddressError, HostPort, PortMap, parse_ports
 from relay.check import run_check
 from relay.config import Config, ConfigError, Raw, Route, load
 from relay.server import Server
-from relay.udp import EARLY_DATAGRAMS, LIMIT_PROBLEM
+from relay.udp import EARLY_DATAGRAMS
 from relay.view import readiness
 from tests.support import echo, relay, scrape, tcp_server, value, wait_until
 
@@ -93,6 +93,13 @@ def test_udp_routes_from_every_source(tmp_path: Path) -> None:
     ("environ", "yaml", "message"),
     [
         ({"RELAY_UDP_IDLE_TIMEOUT": "0"}, "", "RELAY_UDP_IDLE_TIMEOUT: '0' must be more than zero"),
+        (
+            {"RELAY_UDP_IDLE_TIMEOUT": "10ms"},
+            "",
+            "RELAY_UDP_IDLE_TIMEOUT: '10ms' is below 100ms, the shortest UDP idle timeout; expected a "
+            "duration of 100ms or more",
+        ),
+        ({}, "udp_idle_timeout: 0.05\n", "udp_idle_timeout: 0.05 is below 100ms"),
         ({"RELAY_MAX_UDP_SESSIONS": "0"}, "", "RELAY_MAX_UDP_SESSIONS: '0' is not a whole number from 1"),
         (
             {},
@@ -206,13 +213,15 @@ class Peer(asyncio.DatagramProtocol):
 
 @contextlib.asynccontextmanager
 async def udp_peer(
-    host: str = "127.0.0.1", port: int = 0, *, remote: tuple[str, int] | None = None, echo: bool = False
+    host: str | None = None, port: int = 0, *, remote: tuple[str, int] | None = None, echo: bool = False
 ) -> AsyncIterator[tuple[Peer, int]]:
+    """A socket on host:port (default 127.0.0.1, any port), or connected to `remote` (from `host` when
+    given)."""
     loop = asyncio.get_running_loop()
-    if remote is not None:
-        transport, peer = await loop.create_datagram_endpoint(lambda: Peer(echo), remote_addr=remote)
-    else:
-        transport, peer = await loop.create_datagram_endpoint(lambda: Peer(echo), local_addr=(host, port))
+    local = (host, port) if host is not None else None if remote is not None else ("127.0.0.1", port)
+    transport, peer = await loop.create_datagram_endpoint(
+        lambda: Peer(echo), local_addr=local, remote_addr=remote
+    )
     try:
         yield peer, transport.get_extra_info("sockname")[1]
     finally:
@@ -447,10 +456,10 @@ def test_the_same_port_over_tcp_and_udp(run: Run) -> None:
     run(scenario())
 
 
-def test_a_target_that_is_down_then_comes_back(run: Run) -> None:
+def test_a_target_that_is_down_then_comes_back(run: Run, caplog: pytest.LogCaptureFixture) -> None:
     """Steps: nothing listens on the target port; a datagram goes out and the ICMP port unreachable is
-    counted (unreachable) without ending the session or the relay; a second client meanwhile works on
-    another route; then the target starts on that port and the same client's next datagram is answered."""
+    counted (unreachable) and logged, naming the target and what it means, without ending the session or
+    the relay; then the target starts on that port and the same client's next datagram is answered."""
 
     async def scenario() -> None:
         down = unused_udp_port()
@@ -460,6 +469,10 @@ def test_a_target_that_is_down_then_comes_back(run: Run) -> None:
                 client.send(b"anyone?")
                 await wait_until(lambda: stats.dropped["unreachable"] >= 1)
                 assert stats.sessions == 1
+                assert f"dns: 127.0.0.1:{down} answered a datagram with an ICMP error" in caplog.text
+                assert f"nothing listens on UDP port {down} at 127.0.0.1, an address of the relay's" in (
+                    caplog.text
+                )
                 async with udp_peer("127.0.0.1", down, echo=True):
                     # The kernel may report the refusal of a datagram already in flight once more.
                     client.send(b"back?")
@@ -517,9 +530,10 @@ def test_idle_sessions_expire(run: Run) -> None:
     run(scenario())
 
 
-def test_the_session_limit(run: Run) -> None:
-    """Steps: max_udp_sessions 2; two clients are served; a third client's datagrams are dropped and
-    counted (limit), /readyz names the limit; when one session expires the third is served."""
+def test_the_session_limit(run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """Steps: max_udp_sessions 2; two clients are served; a third client on the same address (which holds
+    every session) has its datagrams dropped and counted (limit), logged with the address; readiness stays
+    true (another address would still be served); when the sessions expire the third is served."""
 
     async def scenario() -> None:
         async with (
@@ -535,14 +549,62 @@ def test_the_session_limit(run: Run) -> None:
                 async with udp_peer(remote=remote) as (third, _):
                     third.send(b"me too")
                     await wait_until(lambda: stats.dropped["limit"] == 1)
-                    ready, body = readiness(server)
-                    assert not ready
-                    assert any("max_udp_sessions (2) reached" in r for r in body["reasons"])  # type: ignore[attr-defined]
-                    assert stats.sessions == 2 and third.received.empty()
+                    assert readiness(server)[0] and not server.problems
+                    assert (
+                        "datagrams from new ports of 127.0.0.1, which holds the most sessions (2)"
+                        in caplog.text
+                    )
+                    assert stats.sessions == 2 and third.received.empty() and not stats.dropped["evicted"]
                     await wait_until(lambda: stats.sessions == 0, timeout=5.0)  # both idle now
-                    assert LIMIT_PROBLEM not in server.problems
                     third.send(b"now?")
                     assert await third.reply() == b"now?"
+
+    run(scenario())
+
+
+@contextlib.contextmanager
+def flood_sockets(host: str, count: int) -> Iterator[list[socket.socket]]:
+    """`count` UDP sockets on `host`, each on its own port: one sender using many source ports."""
+    with contextlib.ExitStack() as stack:
+        socks = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.bind((host, 0))
+            sock.setblocking(False)
+            socks.append(sock)
+        yield socks
+
+
+def test_a_flood_from_one_address_cannot_lock_out_another(run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """Steps: max_udp_sessions 8; 64 ports of 127.0.0.2 send a datagram each, twice: 8 get a session, the
+    rest are dropped (limit). A client on 127.0.0.3 sends: it is answered, because the least recently
+    active session of 127.0.0.2 (the address holding the most) gave way, counted (evicted). The flood
+    goes on from 64 new ports of 127.0.0.2: they are dropped, never taking the 127.0.0.3 client's
+    session, which is answered again; readiness stays true all along (a flood cannot make it false)."""
+
+    async def scenario() -> None:
+        async with (
+            udp_peer(echo=True) as (_, target),
+            udp_relay(target, max_udp_sessions=8) as server,
+        ):
+            stats, relay_address = server.udp.stats["dns"], ("127.0.0.1", udp_port(server))
+            with flood_sockets("127.0.0.2", 64) as flood, flood_sockets("127.0.0.2", 64) as more:
+                for n in (1, 2):
+                    for sock in flood:
+                        sock.sendto(b"flood", relay_address)
+                    await wait_until(lambda n=n: stats.dropped["limit"] == 56 * n)  # type: ignore[misc]
+                assert stats.sessions == 8 and not server.problems
+                async with udp_peer("127.0.0.3", remote=relay_address) as (client, _):
+                    client.send(b"let me in")
+                    assert await client.reply() == b"let me in"
+                    assert stats.dropped["evicted"] == 1 and stats.sessions == 8
+                    assert "ended the least recently active session of 127.0.0.2" in caplog.text
+                    for sock in more:
+                        sock.sendto(b"flood", relay_address)
+                    await wait_until(lambda: stats.dropped["limit"] == 112 + 64)
+                    client.send(b"still here")
+                    assert await client.reply() == b"still here"
+                    assert stats.dropped["evicted"] == 1 and not server.problems
 
     run(scenario())
 
@@ -567,7 +629,7 @@ def test_metrics_for_a_udp_route(run: Run) -> None:
             assert value(s, "relay_bytes_total", route=r, direction="client_to_target") == 60
             assert value(s, "relay_bytes_total", route=r, direction="target_to_client") == 60
             assert value(s, "relay_udp_sessions_active", route=r) == 1
-            for reason in ("limit", "buffer", "unreachable"):
+            for reason in ("limit", "buffer", "unreachable", "unresolved", "evicted", "fd_limit"):
                 assert value(s, "relay_datagrams_dropped_total", route=r, reason=reason) == 0
             assert value(s, "relay_listener_up", route=r, address=str(server.listeners[0].address)) == 1
             assert not any(
