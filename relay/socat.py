@@ -116,7 +116,7 @@ TCP_ONLY = {
 }
 # Options accepted without effect: the relay always forks (one process, a task per connection),
 # always sets SO_REUSEADDR and TCP_NODELAY.
-HARMLESS = {"fork", "reuseaddr", "nodelay", "ipv6only", "crlf-off"}
+HARMLESS = {"fork", "reuseaddr", "nodelay", "ipv6only", "crlf-off", "mode", "perm"}
 VALUE_FLAGS = {"-b", "-t", "-T"}
 INT_MAX = 2**31 - 1
 IGNORED_FLAGS = {"-v", "-x", "-ly", "-lu", "-lm", "-lh"}
@@ -145,8 +145,9 @@ NOT_A_RELAY = {
 NOT_A_RELAY_FORM = (
     "the relay forwards a TCP, UDP or socket-file listener to a network target or a socket file"
 )
-# Options of socket files; socat itself refuses them on a TCP or UDP address.
-FILE_ONLY = {"unlink-early", "unlink-close", "mode", "perm"}
+# Options of socket files; socat itself refuses them on a TCP or UDP address (it takes mode= and perm=
+# there, without effect on a socket: HARMLESS).
+FILE_ONLY = {"unlink-early", "unlink-close"}
 # A listen address's retry= retries a failed bind in socat; the relay exits 1 on a taken port instead.
 LISTEN_RETRY = {"retry", "interval", "forever"}
 
