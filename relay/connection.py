@@ -123,6 +123,20 @@ class RouteContext:
             except AddressError as err:  # a file changed since the config was read (tls.py rule 1)
                 raise ListenError(f"{route.name}: TLS: {err}") from None
 
+    def reload_tls(self) -> bool:
+        """Read the route's certificate files again (SIGHUP: a rotated certificate at the same path) for
+        the connections from now on; open ones keep theirs. False, keeping the old contexts, when a file
+        became unreadable since the config was read."""
+        route = self.route
+        try:
+            self.server_tls, self.target_tls = tls.contexts(
+                route.name, route.tls, route.target_tls, warn=False
+            )
+        except AddressError as err:
+            log.error("%s: TLS files not reloaded, keeping the ones in use: %s", route.name, err)
+            return False
+        return True
+
 
 class Connection:
     __slots__ = (

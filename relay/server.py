@@ -438,12 +438,17 @@ class Server:
         for route in removed:
             del self.routes[route]
         changed = await self._apply_settings(old)
+        # Certificates rotated at the same paths (relay/tls.py rule 5): unchanged TLS routes read them again.
+        kept = [self.routes[r].ctx for r in old_routes & new_routes if r.tls or r.target_tls]
+        read = sum(ctx.reload_tls() for ctx in kept if isinstance(ctx, RouteContext))
+        tls_note = f"; TLS files read again for {read} route(s)" if kept else ""
         log.info(
-            "reloaded: %d route(s) added, %d removed, %d unchanged%s",
+            "reloaded: %d route(s) added, %d removed, %d unchanged%s%s",
             len(added),
             len(removed),
             len(old_routes & new_routes),
             f"; settings changed: {', '.join(changed)}" if changed else "",
+            tls_note,
         )
 
     async def _apply_settings(self, old: Config) -> list[str]:

@@ -18,6 +18,8 @@ Rules:
    (server_name/commonname, else the target's host) unless verify is off, which is warned about at start;
    SNI carries that name unless sni is off, and then the name is checked after the handshake, before any
    byte is relayed. On the listen side, verify means client certificates are required (mTLS).
+5. SIGHUP reads the files of every TLS route again (server.py): a certificate rotated at the same path
+   serves the connections from then on, without closing the listener; open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -364,13 +366,13 @@ def _same_ip(value: str, ip: str) -> bool:
 
 
 def contexts(
-    route_name: str, listen: ListenTLS | None, target: TargetTLS | None
+    route_name: str, listen: ListenTLS | None, target: TargetTLS | None, *, warn: bool = True
 ) -> tuple[ssl.SSLContext | None, TargetSide | None]:
-    """A route's contexts, with the start-up warnings of rule 4."""
+    """A route's contexts, with the start-up warnings of rule 4 (not repeated at a reload: `warn`)."""
     server = client = None
     if listen is not None:
         server = server_context(listen)
-        if listen.verify and listen.cafile is None:
+        if warn and listen.verify and listen.cafile is None:
             log.warning(
                 "%s: client certificates are required and verified against the system's CA store (socat's "
                 "verify=1 without cafile=); clients without one are refused. Set cafile for mTLS with your "
@@ -379,7 +381,7 @@ def contexts(
             )
     if target is not None:
         client = TargetSide(client_context(target), target)
-        if not target.verify:
+        if warn and not target.verify:
             log.warning(
                 "%s: the target's TLS certificate is not verified (verify=0 / verify: false): anyone "
                 "between the relay and the target can pose as it",

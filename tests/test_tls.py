@@ -58,6 +58,8 @@ class Certs:
     stranger_key: str
     expired: str  # the server's names, expired in 2020
     expired_key: str
+    rotated: str  # another certificate for the server's names, from the same CA
+    rotated_key: str
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -110,7 +112,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     _sign("stranger", "otherca", d)
     _key_and_csr("expired", "/CN=localhost", d, "DNS:localhost,IP:127.0.0.1")
     _sign("expired", "ca", d, "-startdate", "20200101000000Z", "-enddate", "20200102000000Z")
-    p = {name: str(d / name) for name in ("ca", "server", "client", "stranger", "expired")}
+    _key_and_csr("rotated", "/CN=localhost", d, "DNS:localhost,IP:127.0.0.1")
+    _sign("rotated", "ca", d)
+    p = {name: str(d / name) for name in ("ca", "server", "client", "stranger", "expired", "rotated")}
     return Certs(
         d,
         p["ca"] + ".pem",
@@ -122,6 +126,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         p["stranger"] + ".key",
         p["expired"] + ".pem",
         p["expired"] + ".key",
+        p["rotated"] + ".pem",
+        p["rotated"] + ".key",
     )
 
 
@@ -440,6 +446,54 @@ def test_tls_both_sides_and_the_half_close_that_tls_can_carry(run: Run, certs: C
             ) as server,
         ):
             assert await tls_exchange(port_of(server), client_context(certs)) == b"got hello\n" + PAYLOAD
+
+    run(scenario())
+
+
+def test_sighup_serves_a_certificate_rotated_at_the_same_path(run: Run, certs: Certs, tmp_path: Path) -> None:
+    """Steps: a TLS route whose cert and key are files at fixed paths; a client connects (and stays);
+    the files are replaced by another certificate and the relay reloads (SIGHUP's path, the config built
+    again): a new client gets the new certificate, on the same listener, and the first connection still
+    echoes. Before: the route was unchanged, so the old certificate was served until a restart."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(certs.server, cert)
+    shutil.copy(certs.server_key, key)
+    raw = {
+        "listen": Raw("127.0.0.1", "RELAY_LISTEN"),
+        "tls": Raw(f"cert={cert},key={key}", "RELAY_TLS"),
+        "metrics": Raw("off", "RELAY_METRICS"),
+    }
+
+    def der(pem: str) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(Path(pem).read_text())
+
+    async def scenario() -> None:
+        async with tcp_server(echo) as target:
+            raw["target"] = Raw("127.0.0.1", "RELAY_TARGET")
+            raw["ports"] = Raw(f"{unused_port()}:{target}", "RELAY_PORTS")
+            server = Server(build(raw), reload=lambda: build(raw))
+            await server.start()
+            try:
+                port = port_of(server)
+                context = client_context(certs)
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=context, server_hostname="localhost"
+                )
+                assert writer.get_extra_info("ssl_object").getpeercert(binary_form=True) == der(certs.server)
+                shutil.copy(certs.rotated, cert)
+                shutil.copy(certs.rotated_key, key)
+                await server.reload()
+                assert port_of(server) == port
+                _, second = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=context, server_hostname="localhost"
+                )
+                assert second.get_extra_info("ssl_object").getpeercert(binary_form=True) == der(certs.rotated)
+                second.close()
+                writer.write(b"still here")
+                assert await reader.readexactly(10) == b"still here"
+                writer.close()
+            finally:
+                await server.drain()
 
     run(scenario())
 
