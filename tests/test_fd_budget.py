@@ -9,12 +9,12 @@ import contextlib
 import os
 import re
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from relay.address import HostPort
-from tests.support import RelayProcess, Samples, echo, free_port_block, scrape_at, tcp_server
-from tests.test_udp import Peer, free_for_tcp_and_udp, udp_peer
+from tests.support import LineProcess, RelayProcess, Samples, echo, free_port_block, scrape_at, tcp_server
+from tests.test_udp import Peer, udp_peer
 
 Run = Callable[..., Any]
 TARGET_BLAMED = ("cannot connect", "cannot reach the target", "firewall")
@@ -31,6 +31,15 @@ def relay_process(
         ],
         **popen,
     )
+
+
+@contextlib.contextmanager
+def told(proc: LineProcess) -> Iterator[None]:
+    """A failure inside says what the relay printed."""
+    try:
+        yield
+    except Exception as err:
+        raise AssertionError(f"{err!r}; the relay's output:\n{proc.output()}") from err
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
@@ -65,7 +74,8 @@ def test_udp_sessions_and_listeners_count_in_the_descriptor_budget(run: Run, loo
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
     async def scenario() -> None:
-        port, metrics = free_for_tcp_and_udp(), free_port_block(1)
+        port = free_port_block(2)  # below the ephemeral range: no other test's client takes it
+        metrics = port + 1
         held: list[asyncio.StreamWriter] = []
         async with (
             tcp_server(echo) as tcp_target,
@@ -82,6 +92,7 @@ def test_udp_sessions_and_listeners_count_in_the_descriptor_budget(run: Run, loo
                     preexec_fn=low_limit,
                 )
             )
+            stack.enter_context(told(proc))
             await asyncio.to_thread(proc.wait_for, "ready")
             budget = re.search(r"allowing (\d+) connections and (\d+) UDP sessions", proc.output())
             allowed, sessions = (int(budget[1]), int(budget[2])) if budget else (60, 200)
@@ -143,13 +154,15 @@ def test_out_of_descriptors_at_connect_and_for_a_udp_session_is_fd_limit(run: Ru
     unreachable drop, and the log blames no target."""
 
     async def scenario() -> None:
-        port, metrics = free_for_tcp_and_udp(), free_port_block(1)
+        port = free_port_block(2)  # below the ephemeral range: no other test's client takes it
+        metrics = port + 1
         async with (
             tcp_server(echo) as tcp_target,
             udp_peer(echo=True) as (_, udp_target),
             contextlib.AsyncExitStack() as stack,
         ):
             proc = stack.enter_context(relay_process(port, (tcp_target, udp_target), metrics, loop_name))
+            stack.enter_context(told(proc))
             await asyncio.to_thread(proc.wait_for, "ready")
             limit = one_descriptor_left(proc.proc.pid)
             ok, _ = await tcp_client(port)

@@ -500,7 +500,9 @@ def test_a_burst_at_a_down_target_leaves_the_session_listening(run: Run) -> None
                 await wait_until(lambda: stats.dropped["unreachable"] >= 1 and stats.datagrams_c2t >= 1)
                 async with udp_peer("127.0.0.1", down, echo=True):
                     client.send(b"back?")
-                    assert await client.reply() == b"back?"
+                    async with asyncio.timeout(5):
+                        while await client.reply() != b"back?":
+                            pass  # an echo of a burst datagram not yet read when the target came up
                 assert stats.sessions == 1
 
     run(scenario())
