@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from relay.access import Allow, parse_allow
 from relay.address import (
     DEFAULT_MODE,
     DURATION_FORM,
@@ -37,6 +38,7 @@ from relay.address import (
     parse_unix,
     whole_number,
 )
+from relay.privileges import User, parse_user
 from relay.tls import ListenTLS, TargetTLS, parse_listen, parse_target
 
 DEFAULT_LISTEN = ("127.0.0.1", "::1")
@@ -66,6 +68,7 @@ class Route:
     protocol: str = "tcp"
     tls: ListenTLS | None = None  # the relay terminates TLS on the listen side (relay/tls.py)
     target_tls: TargetTLS | None = None  # the relay speaks TLS to the target
+    allow: Allow | None = None  # source ranges (and socket-file uids) admitted; None: all (relay/access.py)
     # The metrics series this route counts in: a port range item (`tcp/8000-8999`) is one series, not
     # one per port; "" is the route's own name. Not compared: a reload keeps the route and its listeners.
     group: str = field(default="", compare=False)
@@ -107,6 +110,9 @@ class Config:
     app_watch: AppWatchMode = "auto"
     tls: ListenTLS | None = None  # for the TCP routes of `ports` (routes: carry their own)
     target_tls: TargetTLS | None = None
+    allow: Allow | None = None  # for the routes of `ports` (routes: may carry their own)
+    ipv6only: bool = True  # IPv6 listen sockets take IPv6 only; off: [::] also serves IPv4 (socat's default)
+    user: User | None = None  # drop to this user after binding (socat's su=; relay/privileges.py)
     config_file: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # metrics came from a source rather than the default: a taken default port is then no reason to stop
@@ -301,6 +307,20 @@ OPTIONS: tuple[Option, ...] = (
         "server_name=NAME,sni=BOOL,cert=PEM,key=PEM (default off)",
         "SETTINGS",
     ),
+    Option(
+        "allow",
+        parse_allow,
+        "admit only clients from these ranges (e.g. 10.0.0.0/8,::1; uid:N for a socket file); "
+        "default: everyone",
+        "RANGES",
+    ),
+    Option(
+        "ipv6only",
+        _bool,
+        "IPv6 listen sockets serve IPv6 only (default on); off: [::] serves IPv4 clients too",
+        "BOOL",
+    ),
+    Option("user", parse_user, "started as root, become this user after binding (default: stay)", "USER"),
     Option("connect_timeout", _positive_duration, "time to connect to the target (default 5s)", "DURATION"),
     Option(
         "connect_retry",
@@ -349,7 +369,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 FILE_KEYS = (*OPTION_BY_KEY, "routes")
-ROUTE_KEYS = ("name", "listen", "target", "protocol", "mode", "tls", "target_tls")
+ROUTE_KEYS = ("name", "listen", "target", "protocol", "mode", "tls", "target_tls", "allow")
 ENV_NAMES = {o.env for o in OPTIONS} | {"RELAY_CONFIG"}
 
 
@@ -405,7 +425,8 @@ def _as_docker_host(ports: str, raw: dict[str, Raw]) -> list[str]:
         "configured the docker-host way (PORTS without RELAY_PORTS or RELAY_LISTEN): listening on "
         "0.0.0.0 and :: for TCP and UDP, as docker-host did",
         "every container on this container's networks can reach the Docker host's ports "
-        f"{ports.strip()} through it; set RELAY_LISTEN (e.g. 127.0.0.1,::1) to keep them to this namespace",
+        f"{ports.strip()} through it; set RELAY_LISTEN (e.g. 127.0.0.1,::1) to keep them to this namespace, "
+        "or RELAY_ALLOW (e.g. 172.16.0.0/12) to admit only some clients",
     ]
 
 
@@ -609,8 +630,12 @@ def _port_route(pm: PortMap, base: Config) -> Route:
     tls, target_tls = base.tls, base.target_tls
     group = f"{pm.protocol}/{pm.span}" if pm.span else ""
     if isinstance(pm.target, UnixAddress):
-        return Route(name, listen, pm.target.host, 0, pm.protocol, tls, target_tls, group)
-    return Route(name, listen, base.target, pm.target, pm.protocol, tls, target_tls, group)
+        return Route(
+            name, listen, pm.target.host, 0, pm.protocol, tls, target_tls, allow=base.allow, group=group
+        )
+    return Route(
+        name, listen, base.target, pm.target, pm.protocol, tls, target_tls, allow=base.allow, group=group
+    )
 
 
 def _mode(value: object) -> int:
@@ -686,7 +711,12 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
             raise ConfigError(
                 f"{where}: TLS is for TCP routes; expected protocol: tcp with tls or target_tls"
             )
-        routes.append((Route(name, listen, target_host, target_port, protocol, tls, target_tls), where))
+        try:
+            allow = parse_allow(entry["allow"]) if "allow" in entry else base.allow
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('allow', where)}: allow: {err}") from None
+        route = Route(name, listen, target_host, target_port, protocol, tls, target_tls, allow=allow)
+        routes.append((route, where))
     return routes
 
 

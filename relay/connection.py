@@ -29,7 +29,7 @@ from relay.config import Config, Route
 from relay.listener import ListenError
 from relay.logs import RateLimited
 from relay.pump import Side, reset, set_socket_options, tcp_closed
-from relay.stats import RouteStats
+from relay.stats import RouteStats, UdpStats
 from relay.upstream import FD_LIMIT, ResolveError, Resolver, backoff_delays, classify
 
 log = logging.getLogger("relay")
@@ -70,6 +70,17 @@ class Shared:
         )
         self.problems[FD_PROBLEM] = message
         self.warnings.warning("fd_limit", f"{route}: {message}", route=route)
+
+
+def denied(route: Route, stats: RouteStats | UdpStats, shared: Shared, who: str) -> None:
+    """A client the route's allow refused (listener.py rule 6, udp.py): counted, logged at a limited rate.
+    For UDP, each datagram from a refused address counts (it has no session to remember the verdict)."""
+    stats.denied += 1
+    shared.warnings.warning(
+        f"denied:{route.name}",
+        f"{route.name}: refused a client from {who}: not in allow ({route.allow})",
+        route=route.name,
+    )
 
 
 class _Finished:

@@ -1,6 +1,7 @@
 """Listening sockets: one per (address, port), SO_REUSEADDR, a large backlog, IPv6-only for v6.
 
-IPv6 sockets are v6-only so that 0.0.0.0 and :: (or 127.0.0.1 and ::1) on one port never clash.
+IPv6 sockets are v6-only so that 0.0.0.0 and :: (or 127.0.0.1 and ::1) on one port never clash, unless
+ipv6only is off (socat's TCP6-LISTEN): [::] then serves IPv4 clients too, as ::ffff:a.b.c.d.
 When the kernel has no IPv6 (a container started with it disabled), ::1 is skipped with one info line.
 Port 0 binds an ephemeral port; the other addresses of the same route then take that same port.
 
@@ -21,6 +22,10 @@ Socket files (a UnixAddress in a route's listen addresses) use the same Listener
    replaced; anything else at the path (a regular file, a directory, a link, a live socket) is never
    removed: ListenError.
 5. Closing the listener removes the file, if it is still the one this listener made.
+
+6. A route with `allow` (relay/access.py) checks each accepted client before anything else: one the
+   list does not admit (by address; on a socket file, by the peer's uid) is reset at once, before any
+   connect to the target, and reported (`on_denied`, which counts and logs at a limited rate).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.access import peer_uid
 from relay.address import HostPort, UnixAddress
 from relay.config import Route
 from relay.pump import LINGER_RST
@@ -96,6 +102,7 @@ class Listener:
     _retry: asyncio.TimerHandle | None = None
     closed: bool = False
     socket_file: tuple[str, int, int] | None = None  # (path, st_dev, st_ino) of the file bound (rule 5)
+    on_denied: Callable[[str], None] | None = None  # a client the route's allow refused (rule 6)
     _kind: tuple[int, int] = (0, 0)  # the family and type of accepted sockets, as plain ints
 
     def __post_init__(self) -> None:
@@ -122,7 +129,7 @@ class Listener:
             try:
                 # accept() without its wrapper, which spends ~4 µs of its ~9 turning the family and
                 # type into enums for the new socket (issue 13, docs/benchmarks.md).
-                fd, _ = self.sock._accept()  # type: ignore[attr-defined]  # CPython's own, under accept()
+                fd, peer = self.sock._accept()  # type: ignore[attr-defined]  # CPython's own, under accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as err:
@@ -133,9 +140,31 @@ class Listener:
                     self._pause()
                 return
             conn = socket.socket(family, kind, 0, fd)  # both loops make it non-blocking when they take it
+            if self.route.allow is not None and not self._admitted(conn, peer):
+                continue
             task = loop.create_task(take(conn))
             self._handing.add(task)
             task.add_done_callback(self._handing.discard)
+
+    def _admitted(self, conn: socket.socket, peer: Any) -> bool:
+        """Rule 6: the route's allow admits the peer's address (a socket file: its uid); else reset."""
+        allow = self.route.allow
+        assert allow is not None
+        if isinstance(peer, tuple):
+            who, ok = peer[0], allow.admits(peer[0])
+        else:
+            uid = peer_uid(conn)
+            who, ok = f"uid {uid}", uid is not None and allow.admits_uid(uid)
+        if ok:
+            return True
+        with conn:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            except OSError:
+                pass  # it reset already; closing is all there is to do
+        if self.on_denied is not None:
+            self.on_denied(who)
+        return False
 
     def _out_of_descriptors(self, err: OSError) -> None:
         """Rule 1: accept the waiting client on the reserve descriptor and reset it, one per call."""
@@ -170,7 +199,7 @@ class Listener:
             self.start()
 
 
-def bind(host: str, port: int, *, backlog: int, reuseport: bool) -> socket.socket:
+def bind(host: str, port: int, *, backlog: int, reuseport: bool, ipv6only: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -178,7 +207,7 @@ def bind(host: str, port: int, *, backlog: int, reuseport: bool) -> socket.socke
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(ipv6only))
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -197,6 +226,8 @@ def open_route(
     skipped: set[str],
     on_fd_limit: Callable[[OSError], None],
     reserve: Reserve,
+    on_denied: Callable[[str], None] | None = None,
+    ipv6only: bool = True,
 ) -> list[Listener]:
     """Listen on every address of the route; on failure close what was opened and raise ListenError.
 
@@ -208,13 +239,22 @@ def open_route(
         for want in route.listen:
             if isinstance(want, UnixAddress):
                 sock, socket_file = bind_unix(route, want, backlog=backlog)
-                listener = Listener(route, want, sock, take, on_fd_limit, reserve, socket_file=socket_file)
+                listener = Listener(
+                    route,
+                    want,
+                    sock,
+                    take,
+                    on_fd_limit,
+                    reserve,
+                    socket_file=socket_file,
+                    on_denied=on_denied,
+                )
                 listener.start()
                 listeners.append(listener)
                 continue
             port = want.port or chosen_port
             try:
-                sock = bind(want.host, port, backlog=backlog, reuseport=reuseport)
+                sock = bind(want.host, port, backlog=backlog, reuseport=reuseport, ipv6only=ipv6only)
             except OSError as err:
                 if want.host == "::1" and err.errno in NO_IPV6:
                     log.info("%s: IPv6 is not available here; not listening on [::1]:%d", route.name, port)
@@ -225,7 +265,7 @@ def open_route(
                 ) from None
             bound = HostPort(want.host, sock.getsockname()[1])
             chosen_port = chosen_port or bound.port
-            listener = Listener(route, bound, sock, take, on_fd_limit, reserve)
+            listener = Listener(route, bound, sock, take, on_fd_limit, reserve, on_denied=on_denied)
             listener.start()
             listeners.append(listener)
     except BaseException:

@@ -135,6 +135,7 @@ class Metrics:
             lambda s: s.reaped,
         )
         yield from self._udp(udp)
+        yield from self._denied(tcp, udp)
         yield from self._tls()
         yield from self._listeners()
         yield self._targets()
@@ -215,6 +216,18 @@ class Metrics:
             "unreachable (ICMP error from the target), unresolved (target not resolved)",
             DROP_REASONS,
             "dropped",
+        )
+
+    def _denied(self, tcp: list[tuple[str, RouteStats]], udp: list[tuple[str, UdpStats]]) -> Pieces:
+        """Clients refused by a route's allow list (relay/access.py), for the routes that have one."""
+        limited = {route.series for route in list(self.state.routes) if route.allow is not None}
+        rows = [(series, stats) for series, stats in (*tcp, *udp) if series in limited]
+        yield from self._per_series(
+            rows,
+            "relay_connections_denied_total",
+            "counter",
+            "Clients refused by the route's allow list (TCP: connections reset; UDP: datagrams dropped)",
+            lambda s: s.denied,
         )
 
     def _tls(self) -> Pieces:

@@ -29,11 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
-from relay import __version__, logs
+from relay import __version__, logs, privileges
 from relay.address import HostPort, format_hostport, format_target, is_loopback
 from relay.audit import Audit
 from relay.config import AUTO, Config, ConfigError, Route
-from relay.connection import Connection, RouteContext, Shared, own_addresses
+from relay.connection import Connection, RouteContext, Shared, denied, own_addresses
 from relay.listener import Listener, ListenError, Reserve, bind_error, open_route
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
@@ -134,6 +134,7 @@ class Server:
             self._close_listeners(list(self.routes))
             self._reserve.close()
             raise
+        privileges.drop(self.config.user)  # after binding: ports below 1024 need root (privileges.py)
         self.audit.start()
         log.info(
             "ready: relay %s, %d route(s), %d listener(s)", __version__, len(self.routes), len(self.listeners)
@@ -179,6 +180,8 @@ class Server:
             skipped=self.skipped_hosts,
             on_fd_limit=functools.partial(self._fd_limit, ctx),
             reserve=self._reserve,
+            on_denied=functools.partial(denied, ctx.route, ctx.stats, self.shared),
+            ipv6only=self.config.ipv6only,
         )
         self.routes[route] = ActiveRoute(ctx, listeners)
         self.shared.own.update(own_addresses(lst.address for lst in listeners))
@@ -190,9 +193,12 @@ class Server:
         ]
         if exposed:
             log.info(
-                "%s: %s is reachable from outside this network namespace, as asked",
+                "%s: %s is reachable from outside this network namespace, as asked%s",
                 route.name,
                 ", ".join(exposed),
+                f" (clients admitted: {route.allow})"
+                if route.allow
+                else "; allow: (RELAY_ALLOW, socat's range=) limits which clients may connect",
                 extra={"route": route.name},
             )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relay.access import parse_range
 from relay.address import (
     UNIX,
     AddressError,
@@ -116,7 +117,7 @@ TCP_ONLY = {
 }
 # Options accepted without effect: the relay always forks (one process, a task per connection),
 # always sets SO_REUSEADDR and TCP_NODELAY.
-HARMLESS = {"fork", "reuseaddr", "nodelay", "ipv6only", "crlf-off", "mode", "perm"}
+HARMLESS = {"fork", "reuseaddr", "nodelay", "crlf-off", "mode", "perm"}
 VALUE_FLAGS = {"-b", "-t", "-T"}
 INT_MAX = 2**31 - 1
 IGNORED_FLAGS = {"-v", "-x", "-ly", "-lu", "-lm", "-lh"}
@@ -393,15 +394,27 @@ def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None
     except AddressError as err:
         raise ConfigError(f"{where}: {err}") from None
     family = LISTEN_KEYWORDS[keyword]
-    listen = {"any": ["0.0.0.0", "::1"], "ipv4": ["0.0.0.0"], "ipv6": ["::"]}[family]
     raw["ports"] = Raw(str(port), where)
     options = _tls_options(keyword, options, where, "tls", raw)
+    bind: str | None = None
     for option in options:
         name, _, value = option.partition("=")
         name = name.lower()
         try:
             if name == "bind":
-                listen = [parse_ip(value, "expected bind=IP")]
+                bind = parse_ip(value, "expected bind=IP")
+            elif name == "pf":
+                family = _pf(value)
+            elif name == "ipv6only":
+                raw["ipv6only"] = Raw(value or "1", where)
+            elif name == "range":
+                if "allow" in raw:  # socat 1.7.4 applies the first range= and fails on the second
+                    raise AddressError(
+                        "socat takes one range= per address; expected a single range= (a config file's "
+                        "allow: or RELAY_ALLOW takes several)"
+                    )
+                parse_range(value)
+                raw["allow"] = Raw(value, where)
             elif name == "backlog":
                 raw["backlog"] = Raw(value, where)
             elif name == "max-children":
@@ -422,6 +435,10 @@ def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None
                 _common_option(name, value, where, raw)
         except AddressError as err:
             raise ConfigError(f"{where}: option {option!r}: {err}") from None
+    listen = [bind] if bind else {"any": ["0.0.0.0", "::1"], "ipv4": ["0.0.0.0"], "ipv6": ["::"]}[family]
+    if all(":" in host for host in listen) and "ipv6only" not in raw:
+        # socat leaves IPV6_V6ONLY to the kernel's default (net.ipv6.bindv6only, 0): [::] takes IPv4 too
+        raw["ipv6only"] = Raw("0", f"{where} (socat's default)")
     raw["listen"] = Raw(listen, where)
 
 
@@ -460,6 +477,8 @@ def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
                 retries = -1
             elif name == "bind":
                 raise AddressError("a source address for the target connection is not supported")
+            elif name == "pf":
+                raw["family"] = Raw(_pf(value), where)
             else:
                 _common_option(name, value, where, raw)
         except AddressError as err:
@@ -530,10 +549,22 @@ def _count(value: str) -> int:
     return number
 
 
+def _pf(value: str) -> str:
+    """socat's pf=ip4|ip6 (also inet, inet6), as a family."""
+    family = {"ip4": "ipv4", "ipv4": "ipv4", "inet": "ipv4", "ip6": "ipv6", "ipv6": "ipv6", "inet6": "ipv6"}
+    found = family.get(value.strip().lower())
+    if found is None:
+        raise AddressError(f"{value!r} is not a protocol family; expected pf=ip4 or pf=ip6")
+    return found
+
+
 def _common_option(name: str, value: str, where: str, raw: dict[str, Raw]) -> None:
     """Options valid on either address."""
     if name == "keepalive":
         raw["keepalive"] = Raw(value or "true", where)
+    elif name in ("su", "su-d", "substuser", "substuser-delayed"):
+        # the relay drops to the user after binding, which is what su-d is for; su= comes to the same
+        raw["user"] = Raw(value, where)
     elif name in HARMLESS:
         return
     elif name in FILE_ONLY:
@@ -541,5 +572,6 @@ def _common_option(name: str, value: str, where: str, raw: dict[str, Raw]) -> No
     else:
         raise AddressError(
             f"{name!r} is not supported; supported: fork, reuseaddr, reuseport, bind=, backlog=, "
-            "max-children=, connect-timeout=, keepalive, nodelay, retry=, interval=, forever"
+            "max-children=, connect-timeout=, keepalive, nodelay, retry=, interval=, forever, range=, su=, "
+            "pf=, ipv6only="
         )

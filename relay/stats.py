@@ -71,6 +71,7 @@ class RouteStats:
     connect_seconds: Histogram = field(default_factory=lambda: Histogram(CONNECT_BUCKETS))
     duration_seconds: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     tls_failures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (side, reason): relay/tls.py
+    denied: int = 0  # clients the route's allow refused (relay/access.py)
 
 
 DROP_REASONS = ("limit", "buffer", "unreachable", "unresolved", "evicted", "fd_limit")
@@ -86,3 +87,4 @@ class UdpStats:
     bytes_c2t: int = 0
     bytes_t2c: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    denied: int = 0  # datagrams from addresses the route's allow refused (relay/access.py)

@@ -46,7 +46,7 @@ from typing import Any, Protocol, cast
 from relay import hints
 from relay.address import HostPort, format_target
 from relay.config import UDP_IDLE_FLOOR, Route
-from relay.connection import Shared
+from relay.connection import Shared, denied
 from relay.listener import NO_IPV6, ListenError, bind_error
 from relay.stats import UdpStats
 from relay.upstream import FD_LIMIT, ResolveError, Resolver, classify
@@ -183,7 +183,8 @@ class UdpRoute:
         for want in self.route.listen:
             port = want.port or chosen_port
             try:
-                sock = _bind(want.host, port, reuseport=self.hub.shared.config.reuseport)
+                config = self.hub.shared.config
+                sock = _bind(want.host, port, reuseport=config.reuseport, ipv6only=config.ipv6only)
             except OSError as err:
                 if want.host == "::1" and err.errno in NO_IPV6:
                     log.info(
@@ -216,6 +217,10 @@ class UdpRoute:
 
     def new_session(self, listener: UdpListener, client: Address) -> Session | None:
         hub, host = self.hub, client[0]
+        allow = self.route.allow
+        if allow is not None and not allow.admits(host):  # relay/access.py
+            denied(self.route, self.stats, hub.shared, host)
+            return None
         limit = hub.shared.config.max_udp_sessions
         if hub.sessions >= limit and not self._make_room(host, limit):  # rule 5
             return None
@@ -515,16 +520,16 @@ def _same(protocol: asyncio.DatagramProtocol) -> asyncio.DatagramProtocol:
     return protocol
 
 
-def _bind(host: str, port: int, *, reuseport: bool) -> socket.socket:
-    """A listening UDP socket; v6-only for IPv6. No SO_REUSEADDR: on UDP it would let a second relay
-    bind the same port and take half the datagrams."""
+def _bind(host: str, port: int, *, reuseport: bool, ipv6only: bool = True) -> socket.socket:
+    """A listening UDP socket; v6-only for IPv6 unless ipv6only is off (then [::] takes IPv4 too).
+    No SO_REUSEADDR: on UDP it would let a second relay bind the same port and take half the datagrams."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(ipv6only))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
         sock.bind((host, port))
         sock.setblocking(False)

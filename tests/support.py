@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.access import Allow
 from relay.address import HostPort
 from relay.cli import http_endpoint
 from relay.config import Config, Route
@@ -31,12 +32,13 @@ async def relay(
     name: str = "test",
     tls: ListenTLS | None = None,
     target_tls: TargetTLS | None = None,
+    allow: Allow | None = None,
     **settings: Any,
 ) -> AsyncIterator[Server]:
     """A relay with one route `name` from `listen` (port 0) to target:target_port, with TLS on its listen
-    side and towards its target when given; drained on exit."""
+    side and towards its target and an allow list when given; drained on exit."""
     listen_at = tuple(HostPort(host, 0) for host in listen)
-    route = Route(name, listen_at, target, target_port, protocol, tls, target_tls)
+    route = Route(name, listen_at, target, target_port, protocol, tls, target_tls, allow=allow)
     settings.setdefault("drain_timeout", 1.0)
     settings.setdefault("metrics", None)
     server = Server(Config(routes=(route,), **settings), endpoint=http_endpoint)

@@ -94,10 +94,10 @@ def run_relay(args: list[str], env: dict[str, str] | None = None) -> subprocess.
         (["--prots", "80"], {}, "relay: error: command line: unrecognized arguments: --prots 80"),
         ([], {}, "relay: error: no ports to forward"),
         (
-            ["-d", "tcp-listen:8000,fork,su=nobody", "tcp-connect:host.docker.internal:8000"],
+            ["-d", "tcp-listen:8000,fork,su=nobodyx", "tcp-connect:host.docker.internal:8000"],
             {},
-            "relay: error: socat argument 'tcp-listen:8000,fork,su=nobody': "
-            "option 'su=nobody': 'su' is not supported",
+            "relay: error: socat argument 'tcp-listen:8000,fork,su=nobodyx': 'nobodyx' is not a user known "
+            "here (/etc/passwd); expected a user name such as nobody, or a uid",
         ),
         (
             ["udp-recvfrom:53", "udp:host.docker.internal:53"],
