@@ -304,8 +304,9 @@ def test_socket_file_peers_are_matched_by_uid(run: Run) -> None:
                 writer.close()
                 code = (
                     "import os,socket,sys;os.setuid(int(sys.argv[2]));s=socket.socket(socket.AF_UNIX);"
-                    "s.connect(sys.argv[1]);s.sendall(b'hi');s.shutdown(1)\n"
-                    "try: print(s.recv(9) or b'eof')\nexcept ConnectionResetError: print('reset')"
+                    "s.connect(sys.argv[1])\n"
+                    "try: s.sendall(b'hi');s.shutdown(1);print(s.recv(9) or b'eof')\n"
+                    "except (ConnectionResetError, BrokenPipeError): print('reset')"
                 )
                 child = await asyncio.create_subprocess_exec(
                     sys.executable, "-c", code, path, str(nobody), stdout=subprocess.PIPE
