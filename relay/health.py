@@ -33,7 +33,6 @@ MAX_REQUEST = 8192
 HEADER_TIMEOUT = 1.0  # a prober or scraper sends its request head with the connection's first packet
 SEND_TIMEOUT = 10.0  # without taking any of the answer
 MAX_CLIENTS = 16
-CHUNK = 256 * 1024  # of a /metrics answer handed to the transport at a time
 CLOSE_REASONS = ("timeout", "evicted", "slow")
 REASONS = {
     200: "OK",
@@ -55,7 +54,7 @@ class HealthServer:
     def __init__(self, state: State) -> None:
         self.state = state
         self.closed = dict.fromkeys(CLOSE_REASONS, 0)
-        self.metrics = Metrics(state, (self._own_metrics, _process_metrics))
+        self.metrics = Metrics(state, (self._own_metrics,), (_process_metrics,))
         self.address: HostPort | None = None
         self._http: asyncio.Server | None = None
         self._clients: dict[Client, None] = {}  # held now, oldest first
@@ -113,8 +112,7 @@ class HealthServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _send_metrics(self, client: Client) -> None:
-        body = await self.metrics.render()
-        await client.send(200, CONTENT_TYPE, body)
+        await client.send(200, CONTENT_TYPE, await self.metrics.render())
 
     def respond(self, head: bytes) -> tuple[int, str, bytes] | None:
         """The answer to a request head; None for /metrics (answered by a task, rule 1)."""
@@ -211,18 +209,18 @@ class Client(asyncio.Protocol):
             self._writable.set_result(None)
         self._writable = None
 
-    async def send(self, status: int, ctype: str, body: bytes) -> None:
+    async def send(self, status: int, ctype: str, parts: list[bytes]) -> None:
         """Write the answer a part at a time, waiting while the client has not taken the last one."""
         transport = self.transport
         if transport.is_closing():
             return
-        transport.write(_head(status, ctype, len(body)))
-        for start in range(0, len(body), CHUNK):
+        transport.write(_head(status, ctype, sum(len(part) for part in parts)))
+        for part in parts:
             if self._writable is not None:
                 await self._writable
             if transport.is_closing():
                 return
-            transport.write(body[start : start + CHUNK])
+            transport.write(part)
         transport.close()
 
     def _expire(self, reason: str) -> None:

@@ -170,7 +170,10 @@ class Server:
             log.info("%s: %s", route.name, _describe(route, udp.listeners), extra={"route": route.name})
             return
         ctx = RouteContext(
-            route, self._resolver(route.target), self.stats.setdefault(route.name, RouteStats()), self.shared
+            route,
+            self._resolver(route.target),
+            self.stats.setdefault(route.series, RouteStats()),
+            self.shared,
         )
         listeners = open_route(
             route,

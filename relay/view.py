@@ -58,6 +58,14 @@ class State(Protocol):
     def app_watch(self) -> AppWatch | None: ...
 
 
+def is_ready(state: State) -> bool:
+    """What /readyz answers, without the body (the relay_ready gauge): one pass, no allocation per route."""
+    if state.draining or state.problems or not state.routes:
+        return False
+    skipped = state.skipped_hosts
+    return all(_complete(route, active, skipped) for route, active in state.routes.items())
+
+
 def readiness(state: State) -> tuple[bool, dict[str, object]]:
     """Ready when not draining, every configured address of every route is listening, and nothing in
     `state.problems` says new connections would fail (slots or descriptors exhausted, stranded ...).
@@ -70,8 +78,9 @@ def readiness(state: State) -> tuple[bool, dict[str, object]]:
         by_series.setdefault(route.series, []).append((route, active))
     ready = not draining and bool(by_series) and not problems
     routes: dict[str, object] = {}
+    skipped = state.skipped_hosts
     for series, members in by_series.items():
-        complete = all(_complete(route, active, state.skipped_hosts) for route, active in members)
+        complete = all(_complete(route, active, skipped) for route, active in members)
         ready = ready and complete
         routes[series] = {"listening": _listening(members), "ready": complete and not draining}
     status = "ready" if ready else ("draining" if draining else "not ready")
@@ -82,7 +91,9 @@ def readiness(state: State) -> tuple[bool, dict[str, object]]:
 
 
 def _complete(route: Route, active: Serving, skipped: set[str]) -> bool:
-    return len(active.listeners) >= len({hp.host for hp in route.listen} - skipped)
+    """Every configured host of the route listens (a host without IPv6 is skipped, not missing)."""
+    bound = len(active.listeners)
+    return bound >= len(route.listen) or bound >= len({hp.host for hp in route.listen} - skipped)
 
 
 def _listening(members: list[tuple[Route, Serving]]) -> list[str]:

@@ -158,8 +158,9 @@ def has_ipv6_loopback() -> bool:
     return True
 
 
-def free_port_block(count: int, after: int = 0) -> int:
-    """The first of `count` consecutive ports above `after`, free on 127.0.0.1 and ::1 right now.
+def free_port_block(count: int, after: int = 0, *, ipv6: bool = True) -> int:
+    """The first of `count` consecutive ports above `after`, free on 127.0.0.1 and ::1 (unless `ipv6` is
+    false: thousands of ports, for a relay listening on 127.0.0.1 only) right now.
 
     Searched below the kernel's ephemeral range, so busy outgoing connections elsewhere on the machine
     cannot take the ports between this check and the test's bind.
@@ -172,20 +173,25 @@ def free_port_block(count: int, after: int = 0) -> int:
     low, high = max(after + 1, 10000), ephemeral - count
     span = max(high - low, 1)
     offset = (os.getpid() * 101) % span
-    for step in range(0, span, 7):
-        base = low + (offset + step) % span
+    families = [(socket.AF_INET, "127.0.0.1")]
+    if ipv6 and has_ipv6_loopback():
+        families.append((socket.AF_INET6, "::1"))
+    base, tried = low + offset, 0
+    while tried < span:
+        if base > high:
+            base = low
         socks: list[socket.socket] = []
+        port = base
         try:
             for port in range(base, base + count):
-                for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                    if fam == socket.AF_INET6 and not has_ipv6_loopback():
-                        continue
+                for fam, host in families:
                     sock = socket.socket(fam, socket.SOCK_STREAM)
                     socks.append(sock)
                     sock.bind((host, port))
             return base
         except OSError:
-            continue
+            tried += port - base + 1
+            base = port + 1  # every block holding the busy port would fail too
         finally:
             for sock in socks:
                 sock.close()
