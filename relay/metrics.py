@@ -172,7 +172,7 @@ class Metrics:
         yield self._singles()
 
     def _per_series(
-        self, rows: Rows[Any], name: str, kind: str, help_text: str, get: Callable[[Any], int]
+        self, rows: Iterable[tuple[str, Any]], name: str, kind: str, help_text: str, get: Callable[[Any], int]
     ) -> Pieces:
         yield header(name, kind, help_text)
         for series, stats in rows:
@@ -247,7 +247,7 @@ class Metrics:
             "dropped",
         )
 
-    def _denied(self, tcp: list[tuple[str, RouteStats]], udp: list[tuple[str, UdpStats]]) -> Pieces:
+    def _denied(self, tcp: Rows[RouteStats], udp: Rows[UdpStats]) -> Pieces:
         """Clients refused by a route's allow list (relay/access.py), for the routes that have one."""
         limited = {route.series for route in list(self.state.routes) if route.allow is not None}
         rows = [(series, stats) for series, stats in (*tcp, *udp) if series in limited]
