@@ -19,7 +19,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from relay.address import AddressError
+from relay.address import AddressError, excerpt
 
 FORM = (
     "expected CIDRs such as 10.0.0.0/8, 127.0.0.1, ::1, [fd00::]/8 or 10.0.0.0:255.0.0.0, or uid:N for a "
@@ -67,14 +67,14 @@ def parse_range(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     if item.startswith("["):
         inner, bracket, rest = item[1:].partition("]")
         if not bracket or (rest and not rest.startswith("/")):
-            raise AddressError(f"{text!r} is not an address range; {FORM}")
+            raise AddressError(f"{excerpt(text)} is not an address range; {FORM}")
         item = inner + rest
     elif item.count(":") == 1 and "." in item:  # 10.0.0.0:255.0.0.0
         item = item.replace(":", "/")
     try:
         network = ipaddress.ip_network(item, strict=False)
     except ValueError:
-        raise AddressError(f"{text!r} is not an address range; {FORM}") from None
+        raise AddressError(f"{excerpt(text)} is not an address range; {FORM}") from None
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
         mapped = network.network_address.ipv4_mapped
         assert mapped is not None
@@ -98,7 +98,7 @@ def parse_allow(value: object) -> Allow | None:
             return None
         items = text.replace(",", " ").split()
     if not items:
-        raise AddressError(f"{value!r} lists no address range; {FORM}")
+        raise AddressError(f"{excerpt(value)} lists no address range; {FORM}")
     v4: list[tuple[int, int]] = []
     v6: list[tuple[int, int]] = []
     uids: set[int] = set()
@@ -106,7 +106,9 @@ def parse_allow(value: object) -> Allow | None:
         if item.lower().startswith("uid:"):
             digits = item[4:].strip()
             if not digits.isascii() or not digits.isdigit() or int(digits) >= 2**32 - 1:
-                raise AddressError(f"{item!r} is not a uid; expected uid:N with N a number such as 1000")
+                raise AddressError(
+                    f"{excerpt(item)} is not a uid; expected uid:N with N a number such as 1000"
+                )
             uids.add(int(digits))
             continue
         network = parse_range(item)
@@ -117,7 +119,7 @@ def parse_allow(value: object) -> Allow | None:
 
 def _item(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise AddressError(f"{value!r} is not an address range; {FORM}")
+        raise AddressError(f"{excerpt(value)} is not an address range; {FORM}")
     return str(value)
 
 

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 
 PORTS_FORM = (
@@ -28,6 +29,36 @@ DURATION_FORM = "expected a duration like 250ms, 5s, 1m, 1h or plain seconds"
 
 class AddressError(ValueError):
     """A value that does not parse; the message quotes it and names the expected form."""
+
+
+EXCERPT_CHARS = 60  # the whole of any value a user writes by hand; an excerpt of anything longer
+
+
+class _Excerpt(reprlib.Repr):
+    """repr() on one line and bounded: a long text keeps its start and says its length, a list or mapping
+    its first items (a value built by YAML aliases is never expanded)."""
+
+    def repr_str(self, value: str, level: int) -> str:
+        return excerpt(value)
+
+
+_EXCERPT = _Excerpt()
+_EXCERPT.maxlevel = 3
+_EXCERPT.maxlist = _EXCERPT.maxtuple = _EXCERPT.maxdict = _EXCERPT.maxset = 4
+_EXCERPT.maxother = EXCERPT_CHARS
+
+
+PATH_CHARS = 200  # a file's path is what the user must find: shown whole up to this
+
+
+def excerpt(value: object, chars: int = EXCERPT_CHARS) -> str:
+    """How every error quotes a value (where `{value!r}` carried all of it: a 1 MiB value made a 1 MiB
+    error line, a YAML alias bomb a 351 MB one)."""
+    if isinstance(value, str) and len(value) <= chars:
+        return repr(value)
+    if isinstance(value, str):
+        return f"{value[:chars]!r}... ({len(value)} characters)"
+    return _EXCERPT.repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +134,10 @@ def whole_number(text: str, limit: int) -> int | None:
 def parse_port(text: str, form: str = PORTS_FORM) -> int:
     """A decimal port 1-65535."""
     if not (text.isascii() and text.isdigit()):
-        raise AddressError(f"{text!r} is not a port number; {form}")
+        raise AddressError(f"{excerpt(text)} is not a port number; {form}")
     port = whole_number(text, 65535)
     if port is None or port < 1:
-        raise AddressError(f"{text!r} is not a port number (1-65535); {form}")
+        raise AddressError(f"{excerpt(text)} is not a port number (1-65535); {form}")
     return port
 
 
@@ -118,7 +149,7 @@ def _parse_range(text: str) -> tuple[int, int]:
         return lo, lo
     hi = parse_port(hi_text)
     if lo > hi:
-        raise AddressError(f"{text!r} is not a port range (low > high); {PORTS_FORM}")
+        raise AddressError(f"{excerpt(text)} is not a port range (low > high); {PORTS_FORM}")
     return lo, hi
 
 
@@ -132,19 +163,21 @@ def parse_unix(text: str) -> str:
     short enough for sun_path, one line, and not a directory's name."""
     path = text[len(UNIX) :] if is_unix(text) else text
     if not path.startswith("/"):
-        raise AddressError(f"{text!r} is not an absolute socket file path; {UNIX_FORM}")
+        raise AddressError(f"{excerpt(text)} is not an absolute socket file path; {UNIX_FORM}")
     if path.endswith("/"):
-        raise AddressError(f"{text!r} names a directory, not a socket file; {UNIX_FORM}")
+        raise AddressError(f"{excerpt(text)} names a directory, not a socket file; {UNIX_FORM}")
     if not path.isprintable():
         raise AddressError(
-            f"{text!r} is not a socket file path (a line break or control character); {UNIX_FORM}"
+            f"{excerpt(text)} is not a socket file path (a line break or control character); {UNIX_FORM}"
         )
     try:
         size = len(os.fsencode(path))
     except UnicodeError:
-        raise AddressError(f"{text!r} is not a socket file path (not encodable); {UNIX_FORM}") from None
+        raise AddressError(
+            f"{excerpt(text)} is not a socket file path (not encodable); {UNIX_FORM}"
+        ) from None
     if size > UNIX_PATH_MAX:
-        raise AddressError(f"{text!r} is too long for a socket file ({size} bytes); {UNIX_FORM}")
+        raise AddressError(f"{excerpt(text)} is too long for a socket file ({size} bytes); {UNIX_FORM}")
     return path
 
 
@@ -154,18 +187,18 @@ def _unix_item(item: str) -> PortMap | None:
     if is_unix(item):
         path, colon, port = item[len(UNIX) :].rpartition(":")
         if not colon:
-            raise AddressError(f"{item!r} has no target port; expected unix:PATH:TARGET_PORT")
+            raise AddressError(f"{excerpt(item)} has no target port; expected unix:PATH:TARGET_PORT")
         try:
             return PortMap(UnixAddress(parse_unix(path)), parse_port(port, "expected unix:PATH:TARGET_PORT"))
         except AddressError as err:
-            raise AddressError(f"{item!r}: {err}") from None
+            raise AddressError(f"{excerpt(item)}: {err}") from None
     listen, colon, rest = item.partition(":")
     if not (colon and is_unix(rest)):
         return None
     try:
         return PortMap(parse_port(listen, "expected LISTEN_PORT:unix:PATH"), UnixAddress(parse_unix(rest)))
     except AddressError as err:
-        raise AddressError(f"{item!r}: {err}") from None
+        raise AddressError(f"{excerpt(item)}: {err}") from None
 
 
 def parse_port_item(item: str) -> list[PortMap]:
@@ -177,19 +210,21 @@ def parse_port_item(item: str) -> list[PortMap]:
     body, slash, proto = item.partition("/")
     protocol = proto.lower() if slash else "tcp"
     if protocol not in PROTOCOLS:
-        raise AddressError(f"{item!r} has protocol {proto!r}; expected /tcp or /udp; {PORTS_FORM}")
+        raise AddressError(
+            f"{excerpt(item)} has protocol {excerpt(proto)}; expected /tcp or /udp; {PORTS_FORM}"
+        )
     listen_text, colon, target_text = body.partition(":")
     try:
         llo, lhi = _parse_range(listen_text)
         # Without a target part every listen port maps to itself.
         tlo, thi = _parse_range(target_text) if colon else (llo, lhi)
     except AddressError as err:
-        if str(err).startswith(repr(item)):
+        if str(err).startswith(excerpt(item)):
             raise
-        raise AddressError(f"{item!r}: {err}") from None
+        raise AddressError(f"{excerpt(item)}: {err}") from None
     if colon and tlo != thi and (thi - tlo) != (lhi - llo):
         raise AddressError(
-            f"{item!r} maps {lhi - llo + 1} listen ports to {thi - tlo + 1} target ports "
+            f"{excerpt(item)} maps {lhi - llo + 1} listen ports to {thi - tlo + 1} target ports "
             f"(ranges of unequal width); {PORTS_FORM}"
         )
     span = f"{llo}-{lhi}" if llo != lhi else ""
@@ -207,14 +242,14 @@ def parse_ports(text: str) -> tuple[PortMap, ...]:
     seen: dict[tuple[int | UnixAddress, str], str] = {}
     items = port_items(text)
     if not items:
-        raise AddressError(f"{text!r} lists no ports; {PORTS_FORM}")
+        raise AddressError(f"{excerpt(text)} lists no ports; {PORTS_FORM}")
     for item in items:
         for pm in parse_port_item(item):
             key = (pm.listen, pm.protocol)
             if key in seen:
                 shown = str(pm.listen) if pm.protocol == "tcp" else f"{pm.listen}/{pm.protocol}"
                 raise AddressError(
-                    f"listen port {shown} appears twice ({seen[key]!r} and {item!r}); "
+                    f"listen port {shown} appears twice ({excerpt(seen[key])} and {excerpt(item)}); "
                     "each listen port may be used once per protocol"
                 )
             seen[key] = item
@@ -228,32 +263,34 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> HostPort:
     try:
         return _hostport(text, default_port)
     except AddressError as err:
-        if str(err).startswith(repr(text)):
+        if str(err).startswith(excerpt(text)):
             raise
         # A part's own message (`'' is not a port number`) does not say which value it came from.
-        raise AddressError(f"{text!r}: {err}") from None
+        raise AddressError(f"{excerpt(text)}: {err}") from None
 
 
 def _hostport(text: str, default_port: int | None) -> HostPort:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or not _is_ipv6(host):
-            raise AddressError(f"{text!r} is not a valid [IPv6]:PORT; {HOSTPORT_FORM}")
+            raise AddressError(f"{excerpt(text)} is not a valid [IPv6]:PORT; {HOSTPORT_FORM}")
         if not rest:
             if default_port is None:
-                raise AddressError(f"{text!r} has no port; {HOSTPORT_FORM}")
+                raise AddressError(f"{excerpt(text)} has no port; {HOSTPORT_FORM}")
             return HostPort(host, default_port)
         if not rest.startswith(":"):
-            raise AddressError(f"{text!r} is not a valid [IPv6]:PORT; {HOSTPORT_FORM}")
+            raise AddressError(f"{excerpt(text)} is not a valid [IPv6]:PORT; {HOSTPORT_FORM}")
         return HostPort(host, parse_port(rest[1:], HOSTPORT_FORM))
     if text.count(":") > 1:
         if default_port is not None and _is_ipv6(text):
             return HostPort(text, default_port)
-        raise AddressError(f"{text!r}: an IPv6 address needs brackets, as in [::1]:80; {HOSTPORT_FORM}")
+        raise AddressError(
+            f"{excerpt(text)}: an IPv6 address needs brackets, as in [::1]:80; {HOSTPORT_FORM}"
+        )
     host, colon, port_text = text.partition(":")
     if not colon:
         if default_port is None:
-            raise AddressError(f"{text!r} has no port; {HOSTPORT_FORM}")
+            raise AddressError(f"{excerpt(text)} has no port; {HOSTPORT_FORM}")
         port = default_port
     else:
         port = parse_port(port_text, HOSTPORT_FORM)
@@ -275,7 +312,7 @@ def check_host(host: str, form: str = "expected a host name or an IP address") -
     # '10.0.0.256' a mistyped address; both would only fail later, at each connection's lookup.
     if _is_ip(host) or (_HOSTNAME.match(host) and not host.rstrip(".").rpartition(".")[2].isdigit()):
         return host
-    raise AddressError(f"{host!r} is not a host name or IP address; {form}")
+    raise AddressError(f"{excerpt(host)} is not a host name or IP address; {form}")
 
 
 def parse_ip(text: str, form: str = "expected an IP address such as 127.0.0.1 or ::1") -> str:
@@ -285,7 +322,7 @@ def parse_ip(text: str, form: str = "expected an IP address such as 127.0.0.1 or
         bare = bare[1:-1]
     ip = _ip(bare)
     if ip is None:
-        raise AddressError(f"{text!r} is not an IP address; {form}")
+        raise AddressError(f"{excerpt(text)} is not an IP address; {form}")
     return str(ip)
 
 
@@ -326,10 +363,10 @@ def parse_duration(text: str) -> float:
     """`250ms`, `5s`, `1m`, `1h`, `1.5` (seconds) -> seconds as a float."""
     match = _DURATION.match(text.strip().lower())
     if not match:
-        raise AddressError(f"{text!r} is not a duration; {DURATION_FORM}")
+        raise AddressError(f"{excerpt(text)} is not a duration; {DURATION_FORM}")
     seconds = float(match.group(1)) * _UNIT[match.group(2)]
     if not math.isfinite(seconds):  # 400 nines read as a float are infinity
-        raise AddressError(f"{text!r} is too long a duration; {DURATION_FORM}")
+        raise AddressError(f"{excerpt(text)} is too long a duration; {DURATION_FORM}")
     return seconds
 
 

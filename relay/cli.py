@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from relay import __version__, logs, socat
+from relay.address import EXCERPT_CHARS
 from relay.config import OPTIONS, Config, ConfigError, Raw, load
 
 if TYPE_CHECKING:
@@ -30,8 +31,11 @@ COMMANDS = ("run", "check", "healthcheck")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # argparse copies arguments into its message as they are: a line break in one made two lines.
+        # argparse copies arguments into its message as they are: a line break in one made two lines, a
+        # long one a line as long.
         message = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+        if len(message) > 2 * EXCERPT_CHARS:
+            message = f"{message[: 2 * EXCERPT_CHARS]}... ({len(message)} characters)"
         raise ConfigError(f"command line: {message}; see '{self.prog} --help'")
 
 

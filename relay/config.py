@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +21,8 @@ from relay.access import Allow, parse_allow
 from relay.address import (
     DEFAULT_MODE,
     DURATION_FORM,
+    EXCERPT_CHARS,
+    PATH_CHARS,
     UNIX,
     AddressError,
     HostPort,
@@ -28,6 +31,7 @@ from relay.address import (
     both_protocols,
     check_host,
     colon_pairs,
+    excerpt,
     format_target,
     is_unix,
     parse_duration,
@@ -125,7 +129,7 @@ class Config:
 
 def _text(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise AddressError(f"{value!r} is not a single value")
+        raise AddressError(f"{excerpt(value)} is not a single value")
     return str(value)
 
 
@@ -134,7 +138,7 @@ def _duration(value: object) -> float:
         return value  # a YAML number: str() writes 0.00001 as 1e-05, which is not a duration's text
     text = _text(value)
     if text.strip().startswith("-"):
-        raise AddressError(f"{value!r} is negative; {DURATION_FORM}")
+        raise AddressError(f"{excerpt(value)} is negative; {DURATION_FORM}")
     return parse_duration(text)
 
 
@@ -142,7 +146,9 @@ def _positive_duration(value: object) -> float:
     text = _text(value).strip()
     seconds = -1.0 if text.startswith("-") else _duration(value)  # -1 gets the same message as 0
     if seconds <= 0:
-        raise AddressError(f"{value!r} must be more than zero; expected a duration like 250ms, 5s or 1m")
+        raise AddressError(
+            f"{excerpt(value)} must be more than zero; expected a duration like 250ms, 5s or 1m"
+        )
     return seconds
 
 
@@ -175,7 +181,7 @@ def _int_in(lo: int, hi: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
         number = whole_number(_text(value).strip(), hi)
         if number is None or number < lo:
-            raise AddressError(f"{value!r} is not a whole number from {lo} to {hi}")
+            raise AddressError(f"{excerpt(value)} is not a whole number from {lo} to {hi}")
         return number
 
     return convert
@@ -191,14 +197,16 @@ def _bool(value: object) -> bool:
     text = _text(value).strip().lower()
     if text in _TRUE | _FALSE:
         return text in _TRUE
-    raise AddressError(f"{value!r} is not a yes/no value; expected true, false, yes, no, on, off, 1 or 0")
+    raise AddressError(
+        f"{excerpt(value)} is not a yes/no value; expected true, false, yes, no, on, off, 1 or 0"
+    )
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
     def convert(value: object) -> str:
         text = _text(value).strip().lower()
         if text not in choices:
-            raise AddressError(f"{value!r} is not one of {', '.join(choices)}")
+            raise AddressError(f"{excerpt(value)} is not one of {', '.join(choices)}")
         return text
 
     return convert
@@ -210,7 +218,8 @@ def _target(value: object) -> str:
         return AUTO
     if is_unix(text):  # one host serves every port; a socket file is one port's target
         raise AddressError(
-            f"{value!r} is a socket file, which is a port's target rather than the host's; expected auto, a "
+            f"{excerpt(value)} is a socket file, which is a port's target rather than the host's; "
+            "expected auto, a "
             "host name or an IP address here, and LISTEN_PORT:unix:PATH in the ports"
         )
     return check_host(text, "expected auto, a host name or an IP address")
@@ -225,11 +234,11 @@ def _listen(value: object) -> tuple[str, ...]:
         found = DEFAULT_LISTEN if text.lower() == "localhost" else (parse_ip(text),)
         addrs.extend(a for a in found if a not in addrs)
     if not addrs:
-        raise AddressError(f"{value!r} lists no address; expected IPs such as 127.0.0.1,::1")
+        raise AddressError(f"{excerpt(value)} lists no address; expected IPs such as 127.0.0.1,::1")
     for a in addrs:
         for b in addrs:
             if a != b and _overlaps(a, b):
-                raise AddressError(f"{value!r}: {a} already covers {b}; list one or the other")
+                raise AddressError(f"{excerpt(value)}: {a} already covers {b}; list one or the other")
     return tuple(addrs)
 
 
@@ -400,7 +409,9 @@ def from_env(environ: Mapping[str, str]) -> tuple[dict[str, Raw], list[str]]:
     docker_host = environ.get("DOCKER_HOST", "").strip()
     if "target" not in raw and docker_host:
         if "://" in docker_host:
-            warnings.append(f"DOCKER_HOST={docker_host!r} is a Docker API address, not a host; ignored")
+            warnings.append(
+                f"DOCKER_HOST={excerpt(docker_host)} is a Docker API address, not a host; ignored"
+            )
         else:
             raw["target"] = Raw(docker_host, "DOCKER_HOST")
     for name, value in environ.items():
@@ -437,11 +448,12 @@ def _colon_ranges(ports: str) -> list[str]:
     for item, low, high in colon_pairs(ports):
         if low == 0:
             raise ConfigError(
-                f"PORTS: {item!r} is docker-host's range syntax before 2021 (ports 0 to {high}), and "
+                f"PORTS: {excerpt(item)} is docker-host's range syntax before 2021 (ports 0 to {high}), and "
                 f"port 0 cannot be listened on; expected 1-{high}"
             )
         notes.append(
-            f"PORTS: {item!r} is read as port {low} forwarded to the host's port {high} (docker-host's "
+            f"PORTS: {excerpt(item)} is read as port {low} forwarded to the host's port {high} "
+            "(docker-host's "
             f"syntax since 2021); docker-host before 2021 read it as the ports {low} to {high}: write "
             f"{low}-{high} for those"
         )
@@ -453,26 +465,90 @@ def _k8s_service_link(name: str, value: str) -> bool:
     return name.startswith(("RELAY_SERVICE_", "RELAY_PORT_")) or value.startswith(("tcp://", "udp://"))
 
 
+MAX_FILE = 1 << 20  # bytes; a config file with 1,000 routes is about 60 KiB
+FILE_FORM = "expected a regular YAML file of at most 1 MiB"
+MAX_ALIAS_NODES = 10_000  # values YAML aliases may add by repeating others (a bomb adds billions)
+
+
+def _read_file(file_name: str, path: str) -> bytes:
+    """The file's bytes, from a regular file of at most MAX_FILE only: a FIFO is opened without waiting
+    for a writer and refused, as are devices (/dev/zero grew without bound) and directories. So a read
+    is bounded in time and memory, whoever can write the mounted file."""
+    try:
+        fd = os.open(file_name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror}); {FILE_FORM}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise ConfigError(f"{path}: {kind}; {FILE_FORM}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE and (chunk := os.read(fd, MAX_FILE + 1 - size)):  # st_size is 0 in /proc
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror}); {FILE_FORM}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE:
+        raise ConfigError(f"{path}: larger than 1 MiB ({max(info.st_size, size)} bytes); {FILE_FORM}")
+    return b"".join(chunks)
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _check_aliases(path: str, node: Any) -> None:
+    """Refuse a document whose aliases repeat more than MAX_ALIAS_NODES values: a few hundred bytes of
+    nested aliases expand to billions (1.4 GB and 6 s, or a MemoryError, before this). Composing shares
+    an alias's node, so the walk below counts each repetition, and stops at the limit: its cost is
+    bounded whatever the file. Merge keys (`<<: *a`) are aliases too; a recursive alias never ends."""
+    seen: set[int] = set()
+    repeated = 0
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            repeated += 1
+            if repeated > MAX_ALIAS_NODES:
+                raise ConfigError(
+                    f"{path}: YAML aliases expand to more than {MAX_ALIAS_NODES} repeated values; expected a "
+                    "settings file without so many aliases (write the values out)"
+                )
+        seen.add(id(current))
+        if isinstance(current.value, list):  # sequence: nodes; mapping: (key, value) pairs
+            for item in current.value:
+                stack.extend(item if isinstance(item, tuple) else (item,))
+
+
 def from_file(path: str) -> dict[str, Raw]:
     """The YAML file: a mapping of FILE_KEYS; syntax errors give the line."""
     import yaml  # ~30 ms of start-up: only when there is a file
 
     # `path` from here on is the name as messages show it: quoted when a line break would split them.
-    file_name, path = path, path if path.isprintable() else repr(path)
+    file_name, path = path, path if path.isprintable() else excerpt(path, PATH_CHARS)
+    data_bytes = _read_file(file_name, path)
     try:
-        with open(file_name, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
-    except UnicodeDecodeError as err:  # a ValueError, not an OSError: it escaped as a traceback
-        at = err.object[: err.start].count(b"\n") + 1
-        byte = err.object[err.start]
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = data_bytes[: err.start].count(b"\n") + 1
+        byte = data_bytes[err.start]
         raise ConfigError(
             f"{path}:{at}: not UTF-8 text (byte 0x{byte:02x}); expected a UTF-8 YAML file"
         ) from None
     loader = _yaml_loader()
     try:
         node = yaml.compose(text, Loader=loader)
+        if node is not None:
+            _check_aliases(path, node)
         data = yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
@@ -496,8 +572,9 @@ def from_file(path: str) -> dict[str, Raw]:
     for key, value in data.items():
         where = f"{path}:{lines.get(key, '?')}: {key}"
         if key not in FILE_KEYS:
-            # Quoted unless a plain word: a key may hold a line break (`"a\nb": 1` gave two lines).
-            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)
+            # Quoted unless a short plain word: a key may hold a line break (`"a\nb": 1` gave two lines).
+            plain = isinstance(key, str) and key.isidentifier() and len(key) <= EXCERPT_CHARS
+            shown = key if plain else excerpt(key)
             where = f"{path}:{lines.get(key, '?')}: {shown}"
             hint = _did_you_mean(str(key), list(FILE_KEYS))
             raise ConfigError(f"{where}: unknown key{hint}; known keys: {', '.join(FILE_KEYS)}")
@@ -553,7 +630,7 @@ def _yaml_loader() -> Any:
             except (LookupError, AttributeError, TypeError, ValueError):
                 name = str(node.tag).rpartition(":")[2]
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"{node.value!r} is not a valid !!{name}", node.start_mark
+                    None, None, f"{excerpt(node.value)} is not a valid !!{name}", node.start_mark
                 ) from None
 
     return Loader
@@ -561,7 +638,7 @@ def _yaml_loader() -> Any:
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {excerpt(close[0])}?)" if close else ""
 
 
 # --- the builder ---------------------------------------------------------------------------------------
@@ -646,7 +723,7 @@ def _mode(value: object) -> int:
     digits = text[2:] if text.startswith("0o") else text
     if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits) or int(digits, 8) > 0o777:
         raise AddressError(
-            f"{value!r} is not a file mode; expected octal permission bits such as 0660 or 0666"
+            f"{excerpt(value)} is not a file mode; expected octal permission bits such as 0660 or 0666"
         )
     return int(digits, 8)
 
@@ -665,11 +742,11 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
                 hint = _did_you_mean(str(key), list(ROUTE_KEYS))
                 known = ", ".join(ROUTE_KEYS)
                 raise ConfigError(
-                    f"{keys.get(str(key), where)}: unknown key {key!r}{hint}; known keys: {known}"
+                    f"{keys.get(str(key), where)}: unknown key {excerpt(key)}{hint}; known keys: {known}"
                 )
         for key in ("listen", "target"):
             if key not in entry:
-                raise ConfigError(f"{where}: missing {key!r}")
+                raise ConfigError(f"{where}: missing {excerpt(key)}")
         try:
             mode = _mode(entry["mode"]) if "mode" in entry else DEFAULT_MODE
         except AddressError as err:
@@ -690,7 +767,9 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
         try:
             protocol = _choice("tcp", "udp")(entry.get("protocol", "tcp"))
             if protocol == "udp" and (is_unix(target_host) or not all(hp.port for hp in listen)):
-                raise AddressError(f"{entry.get('protocol')!r}: a socket file carries a stream; expected tcp")
+                raise AddressError(
+                    f"{excerpt(entry.get('protocol'))}: a socket file carries a stream; expected tcp"
+                )
         except AddressError as err:
             raise ConfigError(f"{keys.get('protocol', where)}: {err}") from None
         try:
@@ -736,7 +815,7 @@ def _route_name(value: object, default: str) -> str:
         return default
     text = _text(value).strip()
     if not text or not text.isprintable():
-        raise AddressError(f"{value!r} is not a route name; expected one line of text such as 'cache'")
+        raise AddressError(f"{excerpt(value)} is not a route name; expected one line of text such as 'cache'")
     return text
 
 
@@ -759,7 +838,7 @@ def _route_listen(
             result.append(HostPort(parse_ip(hp.host, "expected PORT, IP:PORT or [IPv6]:PORT"), hp.port))
     if not result:
         raise AddressError(
-            f"{value!r} lists no listen address; expected PORT, IP:PORT, [IPv6]:PORT or unix:/PATH"
+            f"{excerpt(value)} lists no listen address; expected PORT, IP:PORT, [IPv6]:PORT or unix:/PATH"
         )
     return tuple(result)
 
@@ -800,7 +879,7 @@ def _check_names(routes: list[Route], sources: list[str]) -> None:
     for route, source in zip(routes, sources, strict=True):
         if route.name in first:
             raise ConfigError(
-                f"{source}: route name {route.name!r} is used twice ({first[route.name]} has it too); "
+                f"{source}: route name {excerpt(route.name)} is used twice ({first[route.name]} has it too); "
                 "expected a name of its own for each route (name: ...)"
             )
         first[route.name] = source

@@ -15,7 +15,7 @@ import os
 import pwd
 from dataclasses import dataclass
 
-from relay.address import AddressError
+from relay.address import AddressError, excerpt
 
 log = logging.getLogger("relay")
 
@@ -34,7 +34,7 @@ class User:
 def parse_user(value: object) -> User | None:
     """A user name or numeric uid known to this system (/etc/passwd); `none`/empty: stay as started."""
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise AddressError(f"{value!r} is not a user; expected a user name such as nobody, or a uid")
+        raise AddressError(f"{excerpt(value)} is not a user; expected a user name such as nobody, or a uid")
     text = str(value).strip()
     if text.lower() in ("", "none", "off"):
         return None
@@ -42,7 +42,8 @@ def parse_user(value: object) -> User | None:
         entry = pwd.getpwuid(int(text)) if text.isascii() and text.isdigit() else pwd.getpwnam(text)
     except (KeyError, OverflowError):
         raise AddressError(
-            f"{text!r} is not a user known here (/etc/passwd); expected a user name such as nobody, or a uid"
+            f"{excerpt(text)} is not a user known here (/etc/passwd); expected a user name such as nobody, "
+            "or a uid"
         ) from None
     groups = sorted({entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem)})
     return User(entry.pw_name, entry.pw_uid, entry.pw_gid, tuple(groups))

@@ -8,7 +8,8 @@ Rules:
 3. Drain (first SIGTERM/SIGINT): close listeners (readiness goes false), wait up to drain_timeout for
    the live connections to finish, then reset what is left and log how many. A second SIGTERM/SIGINT
    ends the wait at once.
-4. Reload (SIGHUP): build the new config first; if it is bad, log one error and keep the old one.
+4. Reload (SIGHUP): build the new config first, in a thread (no file can hold the loop); if it is bad,
+   log one error and keep the old one.
    Otherwise stop listening for removed routes (their connections finish on their own), start added
    ones, and leave unchanged routes and their connections untouched.
 5. App watch (relay/netwatch.py): when the app container started again, serve() drains at once (its
@@ -24,8 +25,9 @@ import functools
 import logging
 import resource
 import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -285,11 +287,11 @@ class Server:
             loop.add_signal_handler(sig, self._signals.put_nowait, sig)
         try:
             self._start_app_watch()  # first: remember the app's /etc/hostname as early as possible
-            await self._start_unless_stopped()
+            await self._unless_stopped(self.start())
             while True:
                 got = await self._signals.get()
                 if got == signal.SIGHUP:
-                    await self.reload()
+                    await self._unless_stopped(self.reload())
                     continue
                 if isinstance(got, str):  # the app restarted: nothing in this namespace is worth a wait
                     await self.drain(got, timeout=0.0)
@@ -308,10 +310,11 @@ class Server:
             if self.ignore_late_signals:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
-    async def _start_unless_stopped(self) -> None:
-        """start(), cut short by a stop (SIGTERM, SIGINT, stop()): start is cancelled (closing what it
-        bound) and the stop is queued again for serve(). A SIGHUP meanwhile is queued again after start."""
-        starting = asyncio.ensure_future(self.start())
+    async def _unless_stopped(self, work: Coroutine[None, None, None]) -> None:
+        """start() or reload(), cut short by a stop (SIGTERM, SIGINT, stop()): `work` is cancelled (start
+        closes what it bound; a reload still reading its file leaves the reading thread behind) and the
+        stop is queued again for serve(). A SIGHUP meanwhile is queued again after `work`."""
+        starting = asyncio.ensure_future(work)
         held: list[signal.Signals | str] = []
         while not starting.done():
             getter = asyncio.ensure_future(self._signals.get())
@@ -423,7 +426,7 @@ class Server:
             log.warning("SIGHUP: no configuration source to reload; ignored")
             return
         try:
-            new = self._reload_config()
+            new = await self._load(self._reload_config)
         except ConfigError as err:
             log.error("reload failed, keeping the running configuration: %s", err)
             return
@@ -459,6 +462,34 @@ class Server:
             f"; settings changed: {', '.join(changed)}" if changed else "",
             tls_note,
         )
+
+    @staticmethod
+    async def _load(reload: Callable[[], Config]) -> Config:
+        """Read and check the configuration in a thread of its own, so no file (a 1 MiB one takes seconds
+        to parse, a stalled mount forever) holds the event loop: relayed traffic keeps flowing, and a
+        stop ends the wait (_unless_stopped). A daemon thread: one stuck in a read never holds up exit."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Config] = loop.create_future()
+
+        def settle(result: Config | None, error: BaseException | None) -> None:
+            if done.done():  # the reload was cancelled meanwhile
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                assert result is not None
+                done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = reload(), None
+            except BaseException as err:  # handed to the loop as it is: ConfigError, or a bug to see
+                result, error = None, err
+            with contextlib.suppress(RuntimeError):  # the loop closed while this thread read
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=work, name="relay-reload", daemon=True).start()
+        return await done
 
     async def _apply_settings(self, old: Config) -> list[str]:
         """Apply the reloaded settings other than routes; say plainly which ones need a restart.

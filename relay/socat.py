@@ -23,6 +23,7 @@ from relay.address import (
     UNIX,
     AddressError,
     check_host,
+    excerpt,
     format_hostport,
     parse_duration,
     parse_ip,
@@ -207,12 +208,12 @@ def parse(argv: list[str]) -> SocatArgs:
         _refuse_non_relay(addresses)  # the more basic reason, when a line has both (-u with OPEN:)
     if unsupported is not None:
         raise ConfigError(
-            f"{SOURCE} {unsupported!r}: not supported; "
+            f"{SOURCE} {excerpt(unsupported)}: not supported; "
             "expected -d, -b N, -t S, -T S, -4 or -6 and two addresses"
         )
     if len(addresses) != 2:
         raise ConfigError(
-            f"{SOURCE}s {' '.join(addresses)!r}: expected exactly two addresses, "
+            f"{SOURCE}s {excerpt(' '.join(addresses))}: expected exactly two addresses, "
             "TCP-LISTEN:PORT[,options] then TCP:HOST:PORT[,options]"
         )
     addresses[1] = _bare_path(addresses[1], notes)
@@ -236,12 +237,12 @@ def _refuse_non_relay(addresses: list[str]) -> None:
         if keyword in NOT_A_RELAY:
             shown = address if len(address) <= 60 else address[:57] + "..."
             raise ConfigError(
-                f"{SOURCE} {shown!r}: {'STDIO' if keyword == '-' else keyword.upper()} "
+                f"{SOURCE} {excerpt(shown)}: {'STDIO' if keyword == '-' else keyword.upper()} "
                 f"{NOT_A_RELAY[keyword]}; {NOT_A_RELAY_FORM}"
             )
     if _is_path(addresses[0]):
         raise ConfigError(
-            f"{SOURCE} {addresses[0]!r}: a bare path (socat's GOPEN) opens an existing file, which "
+            f"{SOURCE} {excerpt(addresses[0])}: a bare path (socat's GOPEN) opens an existing file, which "
             "cannot be listened on; expected UNIX-LISTEN:/PATH"
         )
 
@@ -256,7 +257,7 @@ def _bare_path(address: str, notes: list[str]) -> str:
     takes it as UNIX-CONNECT (a regular file or a device is no relay target, and fails at connect)."""
     if not _is_path(address):
         return address
-    notes.append(f"socat address {address!r} is read as UNIX-CONNECT:{address} (a socket file)")
+    notes.append(f"socat address {excerpt(address)} is read as UNIX-CONNECT:{address} (a socket file)")
     return f"unix-connect:{address}"
 
 
@@ -266,7 +267,8 @@ def _unix_pair(addresses: list[str], raw: dict[str, Raw], notes: list[str]) -> N
     listen, connect = addresses
     if _protocol(listen) == "udp" or _protocol(connect) == "udp":
         raise ConfigError(
-            f"{SOURCE}s {' '.join(addresses)!r}: a socket file carries a stream, not datagrams; expected "
+            f"{SOURCE}s {excerpt(' '.join(addresses))}: a socket file carries a stream, not datagrams; "
+            "expected "
             "UNIX-LISTEN:/PATH with TCP:HOST:PORT, or TCP-LISTEN:PORT with UNIX-CONNECT:/PATH"
         )
     if _keyword(connect) in UNIX_CONNECT:
@@ -277,7 +279,7 @@ def _unix_pair(addresses: list[str], raw: dict[str, Raw], notes: list[str]) -> N
         _listen_address(listen, raw, notes)
         raw["ports"] = Raw(f"{raw['ports'].value}:{target}", raw["ports"].source)
         return
-    where = f"{SOURCE} {listen!r}"
+    where = f"{SOURCE} {excerpt(listen)}"
     route = {"listen": _unix_path(listen, UNIX_LISTEN_FORM, UNIX_HARMLESS), "target": target}
     for option in _split(listen)[2]:
         name, _, value = option.partition("=")
@@ -294,11 +296,11 @@ def _unix_pair(addresses: list[str], raw: dict[str, Raw], notes: list[str]) -> N
 def _unix_path(address: str, form: str, allowed: set[str]) -> str:
     """`unix:/PATH` of a UNIX-LISTEN or UNIX-CONNECT address; its options checked against `allowed` (and
     mode=, backlog=, max-children= for a listener)."""
-    where = f"{SOURCE} {address!r}"
+    where = f"{SOURCE} {excerpt(address)}"
     keyword, params, options = _split(address)
     if keyword not in (UNIX_LISTEN if allowed else UNIX_CONNECT):
         expected = "a TCP or UDP listen" if allowed else "a TCP or UDP connect"
-        raise ConfigError(f"{where}: {keyword.upper()!r} is not {expected} address here; {form}")
+        raise ConfigError(f"{where}: {excerpt(keyword.upper())} is not {expected} address here; {form}")
     try:
         path = parse_unix(":".join(params))
     except AddressError as err:
@@ -312,7 +314,7 @@ def _unix_path(address: str, form: str, allowed: set[str]) -> str:
                 else ""
             )
             raise ConfigError(
-                f"{where}: option {option!r} is not supported on {keyword.upper()}; "
+                f"{where}: option {excerpt(option)} is not supported on {keyword.upper()}; "
                 + (f"supported: {supported}" if allowed else "expected no options")
             )
     return UNIX + path
@@ -327,7 +329,7 @@ def _same_protocol(addresses: list[str], raw: dict[str, Raw]) -> None:
     listen, connect = (_protocol(a) for a in addresses)
     if listen != connect:
         raise ConfigError(
-            f"{SOURCE}s {' '.join(addresses)!r}: a {listen.upper()} listener cannot forward to a "
+            f"{SOURCE}s {excerpt(' '.join(addresses))}: a {listen.upper()} listener cannot forward to a "
             f"{connect.upper()} target; expected both TCP (TCP-LISTEN:P TCP:HOST:P) or both UDP "
             "(UDP-LISTEN:P UDP:HOST:P)"
         )
@@ -348,7 +350,7 @@ def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:
     try:
         if flag == "-b":
             if whole_number(value, INT_MAX) is None:
-                raise AddressError(f"{value!r} is not a whole number; expected -b BYTES")
+                raise AddressError(f"{excerpt(value)} is not a whole number; expected -b BYTES")
             # No effect: the event loop reads up to 256 KiB at a time (socat's default is 8 KiB).
         else:
             # Checked here, passed on as written: str(float) writes 0.00001 as 1e-05, not a duration.
@@ -376,10 +378,10 @@ def _parts(
     address: str, keywords: dict[str, str], what: str, count: int, form: str
 ) -> tuple[str, str, list[str], list[str]]:
     """(where, keyword, params, options) of one address, checked against its allowed keywords."""
-    where = f"{SOURCE} {address!r}"
+    where = f"{SOURCE} {excerpt(address)}"
     keyword, params, options = _split(address)
     if keyword not in keywords:
-        raise ConfigError(f"{where}: {keyword.upper()!r} is not a supported {what} address; {form}")
+        raise ConfigError(f"{where}: {excerpt(keyword.upper())} is not a supported {what} address; {form}")
     if len(params) != count:
         expected = "one port" if count == 1 else "HOST:PORT"
         raise ConfigError(f"{where}: expected {expected} after {keyword.upper()}; {form}")
@@ -423,18 +425,19 @@ def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None
                 raw["reuseport"] = Raw(value or "true", where)
             elif name in LISTEN_RETRY:
                 notes.append(
-                    f"socat option {option!r} on a listen address retries a failed bind; the relay exits "
+                    f"socat option {excerpt(option)} on a listen address retries a failed bind; the "
+                    "relay exits "
                     "with code 1 when a port is taken, and the container's restart policy starts it again"
                 )
             elif name == "ignoreeof":
                 notes.append(
-                    f"socat option {option!r}: the relay keeps a connection open after one side's EOF "
+                    f"socat option {excerpt(option)}: the relay keeps a connection open after one side's EOF "
                     "until the other side closes too (unless -t is given), which is what ignoreeof is for"
                 )
             else:
                 _common_option(name, value, where, raw)
         except AddressError as err:
-            raise ConfigError(f"{where}: option {option!r}: {err}") from None
+            raise ConfigError(f"{where}: option {excerpt(option)}: {err}") from None
     listen = [bind] if bind else {"any": ["0.0.0.0", "::1"], "ipv4": ["0.0.0.0"], "ipv6": ["::"]}[family]
     if all(":" in host for host in listen) and "ipv6only" not in raw:
         # socat leaves IPV6_V6ONLY to the kernel's default (net.ipv6.bindv6only, 0): [::] takes IPv4 too
@@ -446,7 +449,7 @@ def _connect_address(address: str, raw: dict[str, Raw]) -> None:
     host, port = _connect_target(address, raw)
     listen_port = raw["ports"].value
     raw["ports"] = Raw(f"{listen_port}:{port}", raw["ports"].source)
-    raw["target"] = Raw(host, f"{SOURCE} {address!r}")
+    raw["target"] = Raw(host, f"{SOURCE} {excerpt(address)}")
 
 
 def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
@@ -482,7 +485,7 @@ def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
             else:
                 _common_option(name, value, where, raw)
         except AddressError as err:
-            raise ConfigError(f"{where}: option {option!r}: {err}") from None
+            raise ConfigError(f"{where}: option {excerpt(option)}: {err}") from None
     if retries is not None:
         # socat retries N times, `interval` apart; the relay retries refused connects for that long.
         # A number, not str(budget): that writes 1e+20 or 1e-05, which the duration parser refuses.
@@ -508,7 +511,9 @@ def _tls_options(keyword: str, options: list[str], where: str, key: str, raw: di
         if setting is None:
             if name.lower() in TLS_CONNECT_OPTIONS or name.lower().startswith("openssl-"):
                 supported = ", ".join(sorted(names))
-                raise ConfigError(f"{where}: option {option!r} is not supported here; supported: {supported}")
+                raise ConfigError(
+                    f"{where}: option {excerpt(option)} is not supported here; supported: {supported}"
+                )
             rest.append(option)
         elif setting == "server_name" and not value.strip("\"'"):
             continue  # commonname="" (seen with verify=0): no name given, as in socat
@@ -531,7 +536,7 @@ def _udp_options(keyword: str, options: list[str], where: str) -> None:
     for option, name in zip(options, names, strict=True):
         if name in TCP_ONLY:
             raise ConfigError(
-                f"{where}: option {option!r} applies to TCP only; UDP addresses take fork, reuseaddr, "
+                f"{where}: option {excerpt(option)} applies to TCP only; UDP addresses take fork, reuseaddr, "
                 "reuseport and bind="
             )
     if keyword.endswith("recvfrom") and "fork" not in names:
@@ -545,7 +550,7 @@ def _count(value: str) -> int:
     """socat's counts are C ints. (str.isdigit() and int() let '²' and 5000 digits escape as ValueError.)"""
     number = whole_number(value, INT_MAX)
     if number is None:
-        raise AddressError(f"{value!r} is not a whole number from 0 to {INT_MAX}")
+        raise AddressError(f"{excerpt(value)} is not a whole number from 0 to {INT_MAX}")
     return number
 
 
@@ -554,7 +559,7 @@ def _pf(value: str) -> str:
     family = {"ip4": "ipv4", "ipv4": "ipv4", "inet": "ipv4", "ip6": "ipv6", "ipv6": "ipv6", "inet6": "ipv6"}
     found = family.get(value.strip().lower())
     if found is None:
-        raise AddressError(f"{value!r} is not a protocol family; expected pf=ip4 or pf=ip6")
+        raise AddressError(f"{excerpt(value)} is not a protocol family; expected pf=ip4 or pf=ip6")
     return found
 
 
@@ -568,10 +573,12 @@ def _common_option(name: str, value: str, where: str, raw: dict[str, Raw]) -> No
     elif name in HARMLESS:
         return
     elif name in FILE_ONLY:
-        raise AddressError(f"{name!r} applies to socket files (UNIX-LISTEN) only; socat refuses it here too")
+        raise AddressError(
+            f"{excerpt(name)} applies to socket files (UNIX-LISTEN) only; socat refuses it here too"
+        )
     else:
         raise AddressError(
-            f"{name!r} is not supported; supported: fork, reuseaddr, reuseport, bind=, backlog=, "
+            f"{excerpt(name)} is not supported; supported: fork, reuseaddr, reuseport, bind=, backlog=, "
             "max-children=, connect-timeout=, keepalive, nodelay, retry=, interval=, forever, range=, su=, "
             "pf=, ipv6only="
         )

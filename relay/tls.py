@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from relay.address import AddressError
+from relay.address import PATH_CHARS, AddressError, excerpt
 
 log = logging.getLogger("relay")
 
@@ -144,12 +144,12 @@ def _items(value: object, keys: Mapping[str, str], form: str) -> dict[str, objec
                 continue  # "a=1,,b=2" or a trailing comma
             pairs.append((name, text if eq else "true"))
     else:
-        raise AddressError(f"{value!r} is not TLS settings; {form}")
+        raise AddressError(f"{excerpt(value)} is not TLS settings; {form}")
     found: dict[str, object] = {}
     for name, item in pairs:
         key = keys.get(name.strip().lower().replace("-", "_"))
         if key is None:
-            raise AddressError(f"{name!r} is not a TLS setting here; {form}")
+            raise AddressError(f"{excerpt(name)} is not a TLS setting here; {form}")
         found[key] = item
     return found
 
@@ -160,12 +160,14 @@ def _flag(name: str, value: object) -> bool:
     text = str(value).strip().lower()
     if isinstance(value, str | int) and text in _TRUE | _FALSE:
         return text in _TRUE
-    raise AddressError(f"{name} {value!r} is not a yes/no value; expected true, false, 1 or 0")
+    raise AddressError(f"{name} {excerpt(value)} is not a yes/no value; expected true, false, 1 or 0")
 
 
 def _path(name: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip() or not value.isprintable():
-        raise AddressError(f"{name} {value!r} is not a file path; expected the path of a PEM file")
+        raise AddressError(
+            f"{name} {excerpt(value, PATH_CHARS)} is not a file path; expected the path of a PEM file"
+        )
     return value.strip()
 
 
@@ -173,7 +175,7 @@ def parse_listen(value: object) -> ListenTLS:
     """`tls:` of a route (or RELAY_TLS): checked by loading its files (rule 1)."""
     items = _items(value, LISTEN_KEYS, LISTEN_FORM)
     if "cert" not in items:
-        raise AddressError(f"{value!r} has no cert; {LISTEN_FORM}")
+        raise AddressError(f"{excerpt(value)} has no cert; {LISTEN_FORM}")
     settings = ListenTLS(
         cert=_path("cert", items["cert"]),
         key=_path("key", items["key"]) if "key" in items else None,
@@ -195,7 +197,7 @@ def parse_target(value: object) -> TargetTLS | None:
     name = items.get("server_name")
     if name is not None:
         if not isinstance(name, str) or not name.strip() or not name.isprintable() or " " in name.strip():
-            raise AddressError(f"server_name {name!r} is not a name; {NAME_FORM}")
+            raise AddressError(f"server_name {excerpt(name)} is not a name; {NAME_FORM}")
         name = name.strip()
     settings = TargetTLS(
         cafile=_path("cafile", items["cafile"]) if "cafile" in items else None,
@@ -206,7 +208,7 @@ def parse_target(value: object) -> TargetTLS | None:
         key=_path("key", items["key"]) if "key" in items else None,
     )
     if settings.key is not None and settings.cert is None:
-        raise AddressError(f"{value!r} has a key but no cert; {TARGET_FORM}")
+        raise AddressError(f"{excerpt(value)} has a key but no cert; {TARGET_FORM}")
     client_context(settings)
     return settings
 
@@ -226,15 +228,22 @@ def _readable(name: str, path: str) -> bytes:
         with open(path, "rb") as fh:
             return fh.read(1 << 20)
     except FileNotFoundError:
-        raise AddressError(f"{name} {path!r}: no such file; expected a PEM file the relay can read") from None
+        raise AddressError(
+            f"{name} {excerpt(path, PATH_CHARS)}: no such file; expected a PEM file the relay can read"
+        ) from None
     except IsADirectoryError:
-        raise AddressError(f"{name} {path!r} is a directory; expected a PEM file") from None
+        raise AddressError(
+            f"{name} {excerpt(path, PATH_CHARS)} is a directory; expected a PEM file"
+        ) from None
     except PermissionError:
         raise AddressError(
-            f"{name} {path!r}: permission denied; expected a PEM file the relay (uid {os.getuid()}) can read"
+            f"{name} {excerpt(path, PATH_CHARS)}: permission denied; expected a PEM file the relay (uid "
+            f"{os.getuid()}) can read"
         ) from None
     except OSError as err:
-        raise AddressError(f"{name} {path!r}: {err.strerror}; expected a PEM file") from None
+        raise AddressError(
+            f"{name} {excerpt(path, PATH_CHARS)}: {err.strerror}; expected a PEM file"
+        ) from None
 
 
 def _no_password() -> str:
@@ -245,9 +254,11 @@ def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
     """The certificate (and key): missing, unreadable, not PEM, encrypted and mismatched each say so."""
     cert_text = _readable("cert", cert)
     key_text = _readable("key", key) if key is not None else cert_text
-    key_name = f"key {key!r}" if key is not None else f"cert {cert!r}"
+    key_name = f"key {excerpt(key, PATH_CHARS)}" if key is not None else f"cert {excerpt(cert, PATH_CHARS)}"
     if b"-----BEGIN CERTIFICATE-----" not in cert_text:
-        raise AddressError(f"cert {cert!r} holds no PEM certificate; expected -----BEGIN CERTIFICATE-----")
+        raise AddressError(
+            f"cert {excerpt(cert, PATH_CHARS)} holds no PEM certificate; expected -----BEGIN CERTIFICATE-----"
+        )
     if b"PRIVATE KEY-----" not in key_text:
         where = f"{key_name} holds no PEM private key"
         raise AddressError(
@@ -260,10 +271,13 @@ def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
     except ssl.SSLError as err:
         if err.reason == "KEY_VALUES_MISMATCH":
             raise AddressError(
-                f"{key_name} does not match the certificate in cert {cert!r}; expected that certificate's key"
+                f"{key_name} does not match the certificate in cert {excerpt(cert, PATH_CHARS)}; "
+                "expected that "
+                "certificate's key"
             ) from None
         raise AddressError(
-            f"cert {cert!r} / {key_name}: OpenSSL cannot load them ({err.reason or err}); expected PEM files"
+            f"cert {excerpt(cert, PATH_CHARS)} / {key_name}: OpenSSL cannot load them ({err.reason or err}); "
+            "expected PEM files"
         ) from None
 
 
@@ -273,13 +287,15 @@ def _load_trust(context: ssl.SSLContext, cafile: str | None, purpose: ssl.Purpos
         return
     if b"-----BEGIN CERTIFICATE-----" not in _readable("cafile", cafile):
         raise AddressError(
-            f"cafile {cafile!r} holds no PEM certificate; expected -----BEGIN CERTIFICATE-----"
+            f"cafile {excerpt(cafile, PATH_CHARS)} holds no PEM certificate; expected -----BEGIN "
+            "CERTIFICATE-----"
         )
     try:
         context.load_verify_locations(cafile=cafile)
     except ssl.SSLError as err:
         raise AddressError(
-            f"cafile {cafile!r}: OpenSSL cannot load it ({err.reason or err}); expected PEM"
+            f"cafile {excerpt(cafile, PATH_CHARS)}: OpenSSL cannot load it ({err.reason or err}); "
+            "expected PEM"
         ) from None
 
 

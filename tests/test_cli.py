@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,15 +66,18 @@ def echo_server(host: str = "127.0.0.1") -> Iterator[int]:
             worker.join(5)
 
 
-def run_relay(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_relay(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 30, **popen: Any
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "PORTS"}
     return subprocess.run(
         [sys.executable, "-m", "relay", *args],
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
+        **popen,
     )
 
 
