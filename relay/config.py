@@ -73,6 +73,7 @@ class Route:
     tls: ListenTLS | None = None  # the relay terminates TLS on the listen side (relay/tls.py)
     target_tls: TargetTLS | None = None  # the relay speaks TLS to the target
     allow: Allow | None = None  # source ranges (and socket-file uids) admitted; None: all (relay/access.py)
+    target_protocol: str = ""  # "tcp" on a UDP route: datagrams to a TCP target (relay/udp_stream.py)
     # The metrics series this route counts in: a port range item (`tcp/8000-8999`) is one series, not
     # one per port; "" is the route's own name. Not compared: a reload keeps the route and its listeners.
     group: str = field(default="", compare=False)
@@ -84,7 +85,8 @@ class Route:
 
     def describe(self) -> str:
         listen = ", ".join(str(hp) for hp in self.listen)
-        udp = " (udp)" if self.protocol == "udp" else ""
+        udp = f" (udp to {self.target_protocol})" if self.target_protocol else ""
+        udp = udp or (" (udp)" if self.protocol == "udp" else "")
         tls = f" ({self.tls.describe()})" if self.tls else ""
         target_tls = f" ({self.target_tls.describe()})" if self.target_tls else ""
         return f"{listen}{tls} -> {format_target(self.target, self.target_port)}{target_tls}{udp}"
@@ -378,7 +380,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 OPTION_BY_KEY = {o.key: o for o in OPTIONS}
 FILE_KEYS = (*OPTION_BY_KEY, "routes")
-ROUTE_KEYS = ("name", "listen", "target", "protocol", "mode", "tls", "target_tls", "allow")
+ROUTE_KEYS = ("name", "listen", "target", "protocol", "target_protocol", "mode", "tls", "target_tls", "allow")
 ENV_NAMES = {o.env for o in OPTIONS} | {"RELAY_CONFIG"}
 
 
@@ -794,9 +796,38 @@ def _routes(item: Raw, base: Config) -> list[tuple[Route, str]]:
             allow = parse_allow(entry["allow"]) if "allow" in entry else base.allow
         except AddressError as err:
             raise ConfigError(f"{keys.get('allow', where)}: allow: {err}") from None
-        route = Route(name, listen, target_host, target_port, protocol, tls, target_tls, allow=allow)
+        try:
+            target_protocol = _target_protocol(entry.get("target_protocol"), protocol)
+        except AddressError as err:
+            raise ConfigError(f"{keys.get('target_protocol', where)}: target_protocol: {err}") from None
+        route = Route(
+            name,
+            listen,
+            target_host,
+            target_port,
+            protocol,
+            tls,
+            target_tls,
+            allow=allow,
+            target_protocol=target_protocol,
+        )
         routes.append((route, where))
     return routes
+
+
+def _target_protocol(value: object, protocol: str) -> str:
+    """`tcp` on a UDP route sends its datagrams to a TCP target (socat's UDP-LISTEN to TCP:); "" is the
+    route's own protocol."""
+    if value is None or value == "":
+        return ""
+    chosen = _choice("tcp", "udp")(value)
+    if chosen == protocol:
+        return ""
+    if protocol != "udp":
+        raise AddressError(
+            f"{value!r}: a TCP listener forwards to a TCP target; expected tcp, or protocol: udp"
+        )
+    return chosen
 
 
 def _route_target(value: object, listen_port: int) -> tuple[str, int]:

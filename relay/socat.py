@@ -327,11 +327,14 @@ def _protocol(address: str) -> str:
 def _same_protocol(addresses: list[str], raw: dict[str, Raw]) -> None:
     """Both addresses UDP, or both TCP; a UDP pair gets /udp on its port and UDP's settings."""
     listen, connect = (_protocol(a) for a in addresses)
+    if (listen, connect) == ("udp", "tcp"):
+        _udp_to_tcp(addresses, raw)
+        return
     if listen != connect:
         raise ConfigError(
             f"{SOURCE}s {excerpt(' '.join(addresses))}: a {listen.upper()} listener cannot forward to a "
-            f"{connect.upper()} target; expected both TCP (TCP-LISTEN:P TCP:HOST:P) or both UDP "
-            "(UDP-LISTEN:P UDP:HOST:P)"
+            f"{connect.upper()} target; expected both TCP (TCP-LISTEN:P TCP:HOST:P), both UDP "
+            "(UDP-LISTEN:P UDP:HOST:P), or UDP-LISTEN:P TCP:HOST:P"
         )
     if listen == "udp":
         ports = raw["ports"]
@@ -343,6 +346,22 @@ def _same_protocol(addresses: list[str], raw: dict[str, Raw]) -> None:
             raise ConfigError(
                 f"{raw['half_close_timeout'].source}: UDP has no half-close; expected -T for UDP"
             )
+
+
+def _udp_to_tcp(addresses: list[str], raw: dict[str, Raw]) -> None:
+    """UDP-LISTEN (or UDP-RECVFROM,fork) to TCP: a route of its own, each client's datagrams written to
+    its TCP connection (relay/udp_stream.py). -T is the session's idle timeout, as for UDP."""
+    listen_port, _, target_port = str(raw.pop("ports").value).partition(":")
+    host = raw.pop("target").value
+    route = {
+        "listen": listen_port,
+        "target": format_hostport(str(host), int(target_port)),
+        "protocol": "udp",
+        "target_protocol": "tcp",
+    }
+    raw["routes"] = Raw([route], f"{SOURCE}s {excerpt(' '.join(addresses))}")
+    if "idle_timeout" in raw:
+        raw["udp_idle_timeout"] = raw.pop("idle_timeout")
 
 
 def _flag(flag: str, value: str, raw: dict[str, Raw]) -> None:

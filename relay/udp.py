@@ -176,6 +176,11 @@ class UdpRoute:
         self.stats = stats
         self.hub = hub
         self.listeners: list[UdpListener] = []
+        self.session_type: type[Session] = Session
+        if route.target_protocol == "tcp":  # a TCP target (relay/udp_stream.py), which imports this module
+            from relay.udp_stream import StreamSession
+
+            self.session_type = StreamSession
 
     async def bind(self, skipped: set[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -224,7 +229,7 @@ class UdpRoute:
         limit = hub.shared.config.max_udp_sessions
         if hub.sessions >= limit and not self._make_room(host, limit):  # rule 5
             return None
-        session = Session(self, listener, client)
+        session = self.session_type(self, listener, client)
         listener.sessions[client] = session
         hub.add(session)
         self.stats.sessions += 1

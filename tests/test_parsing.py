@@ -345,7 +345,6 @@ def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["udp-listen:80", "tcp:db:1"], "a UDP listener cannot forward to a TCP target"),
         (["tcp-listen:80", "udp:db:1"], "a TCP listener cannot forward to a UDP target"),
         (["sctp-listen:80", "tcp:db:1"], "'SCTP-LISTEN' is not a supported listen address"),
         (["tcp-listen:80,setsid", "tcp:db:1"], "option 'setsid': 'setsid' is not supported"),
