@@ -96,6 +96,7 @@ class Server:
         self.ignore_late_signals = False
         self._app_watch_file = app_watch_file
         self.app_watch: AppWatch | None = None
+        self._exposed: set[str] = set()  # series already warned about as listening beyond loopback
         self._app_watch_task: asyncio.Task[None] | None = None
 
     # --- reading state (metrics, health, tests) --------------------------------------------------------
@@ -170,6 +171,7 @@ class Server:
             udp = await self.udp.open(route, self._resolver(route.target), skipped=self.skipped_hosts)
             self.routes[route] = ActiveRoute(udp, udp.listeners)
             log.info("%s: %s", route.name, _describe(route, udp.listeners), extra={"route": route.name})
+            self._note_exposure(route, udp.listeners)
             return
         ctx = RouteContext(
             route,
@@ -191,21 +193,45 @@ class Server:
         self.routes[route] = ActiveRoute(ctx, listeners)
         self.shared.own.update(own_addresses(lst.address for lst in listeners))
         log.info("%s: %s", route.name, _describe(route, listeners), extra={"route": route.name})
+        self._note_exposure(route, listeners)
+
+    def _note_exposure(self, route: Route, listeners: Sequence[Listener | UdpListener]) -> None:
+        """A listener beyond loopback (RELAY_LISTEN=0.0.0.0, socat's TCP-LISTEN without bind=) lets every
+        neighbour on the container's networks reach the target, host services bound to 127.0.0.1 of the
+        host included: a WARNING naming how to restrict it, unless allow: already does. Once per series:
+        a range of 1,000 ports is one line, not 1,000."""
         exposed = [
-            str(lst.address)
+            lst.address
             for lst in listeners
             if isinstance(lst.address, HostPort) and not is_loopback(lst.address.host)
         ]
-        if exposed:
-            log.info(
-                "%s: %s is reachable from outside this network namespace, as asked%s",
-                route.name,
-                ", ".join(exposed),
-                f" (clients admitted: {route.allow})"
-                if route.allow
-                else "; allow: (RELAY_ALLOW, socat's range=) limits which clients may connect",
-                extra={"route": route.name},
+        if not exposed or route.series in self._exposed:
+            return
+        self._exposed.add(route.series)
+        where = ", ".join(str(hp) for hp in exposed)
+        if route.group:  # every port of the range: the hosts with the range, as the series names it
+            span = route.series.partition("/")[2]
+            where = ", ".join(
+                f"[{hp.host}]:{span}" if ":" in hp.host else f"{hp.host}:{span}" for hp in exposed
             )
+        if route.allow:
+            log.info(
+                "%s: %s is reachable from outside this network namespace, as asked (clients admitted: %s)",
+                route.series,
+                where,
+                route.allow,
+                extra={"route": route.series},
+            )
+            return
+        log.warning(
+            "%s: %s is reachable from outside this network namespace: every container on its networks "
+            "can reach %s through it; restrict sources with allow: / socat range= (see README "
+            "'Exposure'), or listen on loopback only (RELAY_LISTEN=127.0.0.1,::1, socat bind=127.0.0.1)",
+            route.series,
+            where,
+            format_target(route.target, route.target_port),
+            extra={"route": route.series},
+        )
 
     def _resolver(self, target: str) -> Resolver:
         key = (target, self.config.family)
@@ -437,6 +463,7 @@ class Server:
         self.config = new
         self.shared.config = new
         opened: list[Route] = []
+        self._exposed.clear()  # added routes are warned about again
         try:
             self._start_resolvers(Config(routes=tuple(added)))
             for route in added:
