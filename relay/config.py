@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from relay.access import Allow, parse_allow
 from relay.address import (
+    DEFAULT_METRICS,
     DEFAULT_MODE,
     DURATION_FORM,
     EXCERPT_CHARS,
@@ -37,6 +38,7 @@ from relay.address import (
     parse_duration,
     parse_hostport,
     parse_ip,
+    parse_metrics,
     parse_port,
     parse_ports,
     parse_unix,
@@ -48,7 +50,6 @@ from relay.tls import ListenTLS, TargetTLS, parse_listen, parse_target
 DEFAULT_LISTEN = ("127.0.0.1", "::1")
 DOCKER_HOST_LISTEN = ("0.0.0.0", "::")  # docker-host's layout: a container of its own, reached by name
 AUTO = "auto"
-DEFAULT_METRICS = HostPort("0.0.0.0", 9464)
 
 LoopName = Literal["auto", "asyncio", "uvloop"]
 AppWatchMode = Literal["auto", "on", "off"]
@@ -253,13 +254,7 @@ def _ports(value: object) -> tuple[PortMap, ...]:
 def _metrics(value: object) -> HostPort | None:
     if value is None or value is False:  # YAML reads a bare `off` as false
         return None
-    text = _text(value).strip()
-    if text.lower() in OFF | {"false", "0"}:
-        return None
-    if text.isdigit():
-        return HostPort("0.0.0.0", parse_port(text, "expected HOST:PORT, PORT or off"))
-    hp = parse_hostport(text)
-    return HostPort(parse_ip(hp.host, "expected IP:PORT, PORT or off"), hp.port)
+    return parse_metrics(_text(value))
 
 
 def _app_watch(value: object) -> str:

@@ -1,11 +1,11 @@
 """The health check the image runs: `python -I -m relay.probe` asks the running relay's /readyz.
 
 A Docker HEALTHCHECK runs inside the container's memory cgroup every 30 s, so it imports as little as it
-can: the standard library's socket and the settings code (relay.config, no YAML unless a config file
-is in play), never the relay itself (asyncio, uvloop, prometheus-client). It finds the metrics address
-exactly as the relay does (defaults < config file < RELAY_METRICS; `relay.config` is the one reading of
-them). Exit 0 when /readyz answers 200, 1 otherwise, as Docker expects. `relay healthcheck` is the same
-check behind the full command line.
+can: the standard library's socket and relay.address, never the relay itself (asyncio, uvloop, ssl,
+prometheus-client). It finds the metrics address as the relay does (default < config file <
+RELAY_METRICS); only a config file, when RELAY_METRICS does not say, brings in relay.config and YAML.
+Exit 0 when /readyz answers 200, 1 otherwise, as Docker expects. `relay healthcheck` is the same check
+behind the full command line.
 """
 
 from __future__ import annotations
@@ -15,24 +15,32 @@ import socket
 import sys
 from collections.abc import Mapping
 
-from relay.address import HostPort
+from relay.address import DEFAULT_METRICS, AddressError, HostPort, parse_metrics
 
 TIMEOUT = 3.0
+ENV = "RELAY_METRICS"
 MAX_ANSWER = 1 << 20  # /readyz of a relay with thousands of routes is still well below this
 LOCAL = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # a relay listening everywhere answers on loopback
 
 
 def metrics_address(environ: Mapping[str, str], config_path: str | None = None) -> HostPort | None:
-    """The metrics address the relay uses with this environment (None: off). Only the `metrics` setting
-    is read and checked: the routes (a 65,535-port PORTS) are the relay's business, not the probe's."""
-    from relay.config import build, from_env, from_file
-
-    env, _ = from_env(environ)
-    raw = {k: v for k, v in env.items() if k == "metrics"}
+    """The metrics address the relay uses with this environment (None: off): RELAY_METRICS, else the
+    config file's `metrics` (read by relay.config, the one reading of it, with its YAML parser), else the
+    default. Only that setting is read: the routes (a 65,535-port PORTS) are the relay's business."""
+    if ENV in environ:
+        try:
+            return parse_metrics(environ[ENV])
+        except AddressError as err:
+            raise ValueError(f"{ENV}: {err}") from None
     path = config_path or environ.get("RELAY_CONFIG") or None
-    if path and not raw:  # the file matters only when the environment does not say
-        raw = {k: v for k, v in from_file(path).items() if k == "metrics"}
-    return build(raw, need_routes=False).metrics
+    if path is None:
+        return DEFAULT_METRICS
+    from relay.config import ConfigError, build, from_file
+
+    try:
+        return build({k: v for k, v in from_file(path).items() if k == "metrics"}, need_routes=False).metrics
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
 
 
 def ask(address: HostPort, timeout: float = TIMEOUT) -> tuple[int, str]:
@@ -68,11 +76,9 @@ def healthcheck(address: HostPort | None, timeout: float = TIMEOUT) -> int:
 
 
 def main() -> int:
-    from relay.config import ConfigError
-
     try:
         address = metrics_address(os.environ)
-    except ConfigError as err:
+    except ValueError as err:
         print(f"relay: healthcheck: {err}", file=sys.stderr)
         return 1  # Docker reserves exit 2; unhealthy is what a bad setting makes the check
     return healthcheck(address)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,7 +139,7 @@ def test_probe_module_passes_while_sockets_are_held() -> None:
     """Steps: as above with 200 held sockets, the image's light health check (`python -I -m relay.probe`,
     address from RELAY_METRICS) exits 0 with the ready answer; once the relay is gone it exits 1 and
     names the address."""
-    env = {"RELAY_METRICS": "", "PATH": "/usr/bin:/bin"}
+    env = {"RELAY_METRICS": ""}
     with relay_with_health() as health, held_sockets(health, 200):
         env["RELAY_METRICS"] = f"127.0.0.1:{health}"
         done = probe(env)
@@ -158,3 +159,39 @@ def probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         timeout=30,
         stdin=subprocess.DEVNULL,
     )
+
+
+def test_probe_reads_the_address_as_the_relay_does(tmp_path: Path) -> None:
+    """Steps: with no RELAY_METRICS, the probe takes the config file's `metrics:` (RELAY_CONFIG) and
+    exits 0 against the running relay; RELAY_METRICS wins over the file; a bad RELAY_METRICS is one line
+    naming the variable and the value, exit 1 (Docker reserves 2); off says the endpoint is off."""
+    config = tmp_path / "relay.yaml"
+    with relay_with_health() as health:
+        config.write_text(f"ports: [1]\nmetrics: 127.0.0.1:{health}\n")
+        done = probe({"RELAY_CONFIG": str(config)})
+        assert done.returncode == 0, done.stderr
+        assert '"status": "ready"' in done.stdout
+        config.write_text("metrics: 127.0.0.1:1\n")
+        assert probe({"RELAY_CONFIG": str(config), "RELAY_METRICS": f"127.0.0.1:{health}"}).returncode == 0
+    bad = probe({"RELAY_METRICS": "127.0.0.1:http"})
+    assert bad.returncode == 1
+    assert bad.stderr.count("\n") == 1 and "RELAY_METRICS: '127.0.0.1:http'" in bad.stderr, bad.stderr
+    off = probe({"RELAY_METRICS": "off"})
+    assert off.returncode == 1 and "off" in off.stderr
+
+
+def test_probe_imports_neither_the_relay_nor_its_dependencies() -> None:
+    """Steps: the probe runs (nothing answers: exit 1) with Python's import log on; it never imported
+    asyncio, ssl, uvloop, yaml or prometheus_client (each costs the container memory every 30 s)."""
+    done = subprocess.run(
+        [sys.executable, "-I", "-X", "importtime", "-m", "relay.probe"],
+        env={"RELAY_METRICS": f"127.0.0.1:{free_port_block(1)}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "relay.address" in imported
+    heavy = {"asyncio", "ssl", "uvloop", "yaml", "prometheus_client", "relay.config", "relay.server"}
+    assert not heavy & imported, heavy & imported

@@ -280,7 +280,7 @@ build_image() {
 check_image_config() {
     local got want
     got=$(podman image inspect -f '{{.Config.User}}|{{json .Config.Entrypoint}}|{{.Config.StopSignal}}|{{json .Config.Healthcheck.Test}}' "$RELAY_IMAGE")
-    want='10001:10001|["relay"]|SIGTERM|["CMD","relay","healthcheck"]'
+    want='10001:10001|["relay"]|SIGTERM|["CMD","python","-I","-m","relay.probe"]'
     [ "$got" = "$want" ] || { echo "user|entrypoint|stopsignal|healthcheck: $got, expected $want"; return 1; }
 }
 
@@ -450,7 +450,7 @@ main() {
     fi
     local detail
     if detail=$(check_image_config); then
-        pass "image: user 10001, ENTRYPOINT [relay], STOPSIGNAL SIGTERM, HEALTHCHECK relay healthcheck"
+        pass "image: user 10001, ENTRYPOINT [relay], STOPSIGNAL SIGTERM, HEALTHCHECK python -I -m relay.probe"
     else
         fail "image: config" "$detail"
     fi
