@@ -171,7 +171,7 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
         if itself:
             probes.append(Probe(route.name, shown, "loop", None, _cause("loop", route.target, itself)))
             continue
-        if route.protocol == "udp":
+        if route.protocol == "udp" and route.target_protocol != "tcp":  # UDP to TCP: probe it as TCP
             started = time.perf_counter()
             status = await _probe_udp(loop, resolution.addresses[0], route.target_port, UDP_WAIT)
             millis = (time.perf_counter() - started) * 1000 if status != "no answer" else None

@@ -682,6 +682,8 @@ def build(
             "config file, or give socat-style arguments (tcp-listen:8000 tcp:host.docker.internal:8000)"
         )
     _check_unique(routes, sources)
+    if not base.ipv6only:
+        _check_dual_stack(routes, sources, raw["ipv6only"].source)
     _check_names(routes, sources)
     _check_not_itself(routes, sources)
     _check_tls_names(routes, sources)
@@ -898,6 +900,23 @@ def _check_unique(routes: list[Route], sources: list[str]) -> None:
             seen.setdefault((hp.port, route.protocol), []).append((hp, source))
 
 
+def _check_dual_stack(routes: list[Route], sources: list[str], setting: str) -> None:
+    """With ipv6only off, [::] takes the port on every IPv4 address too: an IPv4 listener on the same
+    port and protocol could not bind (the kernel says "address in use", which would not say why)."""
+    wild: dict[tuple[int, str], str] = {}
+    for route, source in zip(routes, sources, strict=True):
+        for hp in route.listen:
+            if isinstance(hp, HostPort) and hp.host == "::":
+                wild[(hp.port, route.protocol)] = source
+    for route, source in zip(routes, sources, strict=True):
+        for hp in route.listen:
+            if isinstance(hp, HostPort) and ":" not in hp.host and (hp.port, route.protocol) in wild:
+                raise ConfigError(
+                    f"{source}: {hp} cannot listen beside [::]:{hp.port}, which serves IPv4 too with "
+                    f"{setting} off; expected ipv6only on, or [::] alone for both families"
+                )
+
+
 def _check_names(routes: list[Route], sources: list[str]) -> None:
     """Names key each route's counters, metrics labels and /readyz entry: two routes sharing one would
     mix their figures."""
@@ -963,7 +982,7 @@ def _check_not_itself(routes: list[Route], sources: list[str]) -> None:
         for hp in other.listen:
             by_port.setdefault((hp.port, other.protocol), []).append((other, hp))
     for route, source in zip(routes, sources, strict=True):
-        for other, hp in by_port.get((route.target_port, route.protocol), ()):
+        for other, hp in by_port.get((route.target_port, route.target_protocol or route.protocol), ()):
             if lands_on(route.target, route.target_port, hp):
                 whose = "its own" if other is route else f"route {other.name}'s"
                 target = format_target(route.target, route.target_port)

@@ -171,3 +171,18 @@ def test_unknown_user_is_a_config_error(name: str) -> None:
         return
     with pytest.raises(AddressError, match=f"'{name}' is not a user known here"):
         parse_user(name)
+
+
+def test_ipv6only_off_beside_an_ipv4_listener_is_one_line() -> None:
+    """[::] with ipv6only off takes the port on IPv4 too: an IPv4 listener beside it is a config error
+    naming both, not a bind failure saying 'address in use'."""
+    from relay.config import ConfigError, load
+
+    with pytest.raises(ConfigError) as err:
+        load({}, {"RELAY_PORTS": "80", "RELAY_LISTEN": "0.0.0.0,::", "RELAY_IPV6ONLY": "off"})
+    assert str(err.value) == (
+        "RELAY_PORTS: 0.0.0.0:80 cannot listen beside [::]:80, which serves IPv4 too with RELAY_IPV6ONLY "
+        "off; expected ipv6only on, or [::] alone for both families"
+    )
+    config = load({}, {"RELAY_PORTS": "80", "RELAY_LISTEN": "::", "RELAY_IPV6ONLY": "off"})
+    assert not config.ipv6only and [str(hp) for hp in config.routes[0].listen] == ["[::]:80"]

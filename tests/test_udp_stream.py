@@ -154,3 +154,10 @@ def test_socat_udp_listen_to_tcp_is_a_udp_route_with_a_tcp_target() -> None:
     )
     assert [str(hp) for hp in route.listen] == ["0.0.0.0:514"]
     assert config.udp_idle_timeout == 30.0
+
+
+def test_a_tcp_target_on_the_udp_listen_port_is_no_loop() -> None:
+    """UDP-LISTEN:5140 to TCP:127.0.0.1:5140 reaches a TCP service, not the relay's own UDP socket; the
+    loop check compared it with the UDP listeners and refused the line."""
+    _, config, _ = parse(["UDP-LISTEN:5140,fork", "TCP:127.0.0.1:5140"], {})
+    assert config.routes[0].target_port == 5140
