@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import socket
+import stat
 
 AUTO_NAMES = frozenset({"auto", "host.docker.internal", "host.containers.internal"})
 
@@ -61,10 +63,23 @@ SOCKET_MISSING = (
     "that the host service is running and makes its socket there"
 )
 SOCKET_DENIED = (
-    "permission denied on {path}: the relay runs as uid 10001; connecting needs write permission on the "
-    "socket file (and search permission on its directories). Run the relay as the socket's owner "
-    '(user: "999:999" on the relay service) or add the owning group (group_add: ["999"], the number '
-    "from `stat -c %g {path}` on the host)"
+    "permission denied on {path}: the relay runs as uid {me}; connecting needs write permission on the "
+    "socket file (and search permission on its directories). {fix}"
+)
+# The fix names the socket's real owner and group when the relay can stat it (a socket in a directory it
+# cannot search cannot be stat'ed either: then the numbers come from the host).
+DENIED_GROUP = (
+    "The socket is owned by uid {uid}, group {gid} (mode {mode:04o}): add that group to the relay, "
+    'group_add: ["{gid}"] on the relay service, or run it as the owner (user: "{uid}:{gid}")'
+)
+DENIED_OWNER = (
+    "The socket is owned by uid {uid}, group {gid} (mode {mode:04o}), writable by its owner only: run the "
+    'relay as the owner (user: "{uid}:{gid}" on the relay service), or have the service make its socket '
+    'group-writable and add the group (group_add: ["{gid}"])'
+)
+DENIED_UNKNOWN = (
+    'Run the relay as the socket\'s owner (user: "UID:GID" on the relay service) or add its group '
+    "(group_add: [\"GID\"]), with the numbers from `stat -c '%u %g' {path}` on the host"
 )
 SOCKET_BUSY = (
     "{path} accepted no connection within the connect timeout: its listen backlog stayed full (the "
@@ -81,12 +96,23 @@ def for_socket(reason: str, target: str) -> str | None:
     path = target.partition(":")[2]
     texts = {
         "missing": SOCKET_MISSING,
-        "denied": SOCKET_DENIED,
         "refused": SOCKET_REFUSED,
         "timeout": SOCKET_BUSY,
     }
+    if reason == "denied":
+        return SOCKET_DENIED.format(path=path, me=os.geteuid(), fix=_denied_fix(path))
     text = texts.get(reason)
     return text.format(path=path) if text is not None else None
+
+
+def _denied_fix(path: str) -> str:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return DENIED_UNKNOWN.format(path=path)
+    mode = stat.S_IMODE(info.st_mode)
+    text = DENIED_GROUP if mode & stat.S_IWGRP else DENIED_OWNER
+    return text.format(uid=info.st_uid, gid=info.st_gid, mode=mode)
 
 
 def refused(addresses: tuple[str, ...]) -> str:

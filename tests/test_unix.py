@@ -663,19 +663,28 @@ ROOT_REASON = "needs root (a socket file owned by root, and a check run as uid 1
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason=ROOT_REASON)
 def test_check_names_missing_denied_and_stale_sockets(sockdir: Path) -> None:
-    """Steps: three socket targets: no file, a root-only socket (0600) and a stale one; `relay check`
-    run as uid 10001 (the image's user) prints missing, denied and refused with their fixes (the mount;
-    user:/group_add:; the service is down) and exits 1."""
+    """Steps: four socket targets: no file, a root-only socket (0600), a stale one and one owned by
+    group 4242 (0660); `relay check` run as uid 10001 (the image's user) prints missing, denied and
+    refused with their fixes (the mount; user:/group_add: with the socket's real uid and gid, read by
+    stat, where it suggested placeholder ids before; the service is down) and exits 1."""
     sockdir.chmod(0o755)
-    denied, stale = sockdir / "root.sock", sockdir / "stale.sock"
-    with socket.socket(socket.AF_UNIX) as live, socket.socket(socket.AF_UNIX) as dead:
+    denied, stale, grouped = sockdir / "root.sock", sockdir / "stale.sock", sockdir / "group.sock"
+    with (
+        socket.socket(socket.AF_UNIX) as live,
+        socket.socket(socket.AF_UNIX) as dead,
+        socket.socket(socket.AF_UNIX) as shared,
+    ):
         live.bind(str(denied))
         live.listen()
         denied.chmod(0o600)
         dead.bind(str(stale))
         stale.chmod(0o666)
+        shared.bind(str(grouped))
+        shared.listen()
+        os.chown(grouped, 0, 4242)
+        grouped.chmod(0o660)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        ports = f"7001:unix:{sockdir}/none.sock 7002:unix:{denied} 7003:unix:{stale}"
+        ports = f"7001:unix:{sockdir}/none.sock 7002:unix:{denied} 7003:unix:{stale} 7004:unix:{grouped}"
         result = subprocess.run(
             [*SETPRIV, sys.executable, "-m", "relay", "check", "--ports", ports, "--metrics", "off"],
             capture_output=True,
@@ -687,11 +696,13 @@ def test_check_names_missing_denied_and_stale_sockets(sockdir: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("tcp/700")}
     assert " missing " in rows["tcp/7001"] and "mount the host's socket directory" in rows["tcp/7001"]
-    assert (
-        " denied " in rows["tcp/7002"] and "uid 10001" in rows["tcp/7002"] and "group_add" in rows["tcp/7002"]
-    )
+    assert " denied " in rows["tcp/7002"] and "the relay runs as uid 10001" in rows["tcp/7002"]
+    assert "owned by uid 0, group 0 (mode 0600), writable by its owner only" in rows["tcp/7002"]
+    assert 'user: "0:0"' in rows["tcp/7002"]
     assert " refused " in rows["tcp/7003"] and "nothing accepts connections on it" in rows["tcp/7003"]
-    assert "0 of 3 target(s) answer" in result.stdout
+    assert " denied " in rows["tcp/7004"] and "owned by uid 0, group 4242 (mode 0660)" in rows["tcp/7004"]
+    assert 'group_add: ["4242"]' in rows["tcp/7004"]
+    assert "0 of 4 target(s) answer" in result.stdout
 
 
 def test_a_refusing_host_suggests_the_socket_route() -> None:
