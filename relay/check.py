@@ -8,12 +8,13 @@ import asyncio
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 from relay import hints
 from relay.address import format_target
 from relay.config import AUTO, Config, Route, lands_on
+from relay.listener import NO_IPV6
 from relay.upstream import Resolution, ResolveError, Resolver, classify, target_for
 
 PROBE_TIMEOUT = 2.0
@@ -77,6 +78,16 @@ class Probe:
     cause: str
 
 
+def _has_ipv6_loopback() -> bool:
+    """Whether ::1 can be listened on: a container started with IPv6 disabled has none."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as err:
+        return err.errno not in NO_IPV6
+    return True
+
+
 def _rootless_hint(resolutions: list[Resolution]) -> str | None:
     """Rootless Docker (slirp4netns) reaches the host at 10.0.2.2, and only with host loopback allowed."""
     slirp = any(SLIRP_GATEWAY in r.addresses for r in resolutions)
@@ -130,8 +141,12 @@ async def run_check(config: Config, out: TextIO = sys.stdout) -> int:
     for warning in config.warnings:  # the same ones `relay run` logs at start
         print(f"warning: {warning}", file=out)
     print("routes:", file=out)
+    no_ipv6 = not _has_ipv6_loopback()
     for route in config.routes:
-        print(f"  {route.name:<14} {route.describe()}", file=out)
+        # As `relay run` listens: without IPv6 in the kernel, ::1 is skipped (listener.py), not listed.
+        kept = tuple(hp for hp in route.listen if not (no_ipv6 and hp.host == "::1"))
+        note = "  (IPv6 is not available here: not listening on [::1])" if kept != route.listen else ""
+        print(f"  {route.name:<14} {replace(route, listen=kept).describe()}{note}", file=out)
 
     resolutions: dict[str, Resolution | ResolveError] = {}
     targets = {
