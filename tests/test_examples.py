@@ -236,3 +236,28 @@ def test_one_image_tag_everywhere() -> None:
         assert images == [RELAY_IMAGE], (path, images)
     readme = (ROOT / "README.md").read_text()
     assert f"image: {RELAY_IMAGE}" in readme and "docker compose up --build" in readme
+
+
+def test_readme_says_which_docker_hub_images_the_examples_pull_and_how_to_substitute() -> None:
+    """compose-examples/README.md names every image an example pulls (all from Docker Hub, issue 19) and
+    the ways to use local ones instead: a tag, an override file, the relay's BASE_IMAGE."""
+    text = (EXAMPLES / "README.md").read_text()
+    pulled = set()
+    for path in EXAMPLES.glob("*/*.yaml"):
+        pulled.update(re.findall(r"image: (\S+)", path.read_text()))
+    pulled -= {RELAY_IMAGE, "your-app"}
+    assert len(pulled) >= 4
+    assert not [image for image in sorted(pulled) if f"`{image}`" not in text], text
+    for way in ("Docker Hub", "docker tag ", "compose.override.yaml", "--build-arg BASE_IMAGE="):
+        assert way in text, way
+
+
+def test_readme_names_every_debian_package_scripts_test_installs() -> None:
+    """README's "Packages" paragraph says what scripts/test apt-get installs: the same names (it missed
+    dnsmasq-base, bind9-dnsutils, dnsperf, redis and postgresql, issue 19)."""
+    lines = (ROOT / "scripts/test").read_text().splitlines()
+    packages = next(line for line in lines if line.startswith(". scripts/bootstrap.sh")).split()[3:]
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("- **Packages.**") :].split("\n- **", 1)[0]
+    named = set(re.findall(r"[a-z0-9][a-z0-9.+-]*", paragraph))
+    assert len(packages) > 10 and not [p for p in packages if p not in named], paragraph
