@@ -125,9 +125,11 @@ class RouteContext:
     # TLS on the listen side and towards the target (tls.py), made from the route's settings.
     server_tls: ssl.SSLContext | None = field(init=False, default=None)
     target_tls: tls.TargetSide | None = field(init=False, default=None)
+    client_name: str | None = field(init=False, default=None)  # the name client certificates must carry
 
     def __post_init__(self) -> None:
         route = self.route
+        self.client_name = route.tls.commonname if route.tls is not None else None
         if route.tls is not None or route.target_tls is not None:
             try:
                 self.server_tls, self.target_tls = tls.contexts(route.name, route.tls, route.target_tls)
@@ -197,6 +199,8 @@ class Connection:
         transport = self.client.transport
         assert transport is not None
         ctx = self.ctx
+        if ctx.client_name is not None and self._wrong_client_name(transport, ctx.client_name):
+            return
         shared = ctx.shared
         ctx.stats.accepted += 1
         draining = shared.drained is not None
@@ -415,6 +419,19 @@ class Connection:
                 return False
             own.add((host, port))
         self._connect_failed("loop", SelfLoop(f"{format_hostport(host, port)} is the relay's own"))
+        return True
+
+    def _wrong_client_name(self, transport: asyncio.Transport, name: str) -> bool:
+        """socat's commonname= on OPENSSL-LISTEN: the client's verified certificate must carry `name`; a
+        client whose does not is reset like a failed handshake, never a pair (tls.py rule 3)."""
+        err = tls.name_mismatch(transport, name)
+        if err is None:
+            return False
+        self.client.lost = self.target.lost = True  # never registered: nothing to finish
+        reset(transport)
+        ctx = self.ctx
+        warn = ctx.shared.warnings.warning
+        tls.handshake_failed(ctx.stats.tls_failures, warn, ctx.route.name, tls.LISTEN, ctx.route.tls, err)
         return True
 
     def _wrong_name(self, target_tls: tls.TargetSide, transport: asyncio.BaseTransport) -> bool:

@@ -88,6 +88,9 @@ TLS_LISTEN_OPTIONS = {
     "openssl-cafile": "cafile",
     "verify": "verify",
     "openssl-verify": "verify",
+    "commonname": "commonname",
+    "cn": "commonname",
+    "openssl-commonname": "commonname",
 }
 TLS_CONNECT_OPTIONS = {
     **TLS_LISTEN_OPTIONS,

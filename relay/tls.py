@@ -17,7 +17,8 @@ Rules:
 4. As socat: the target's certificate is verified (cafile, else the system store) and its name checked
    (server_name/commonname, else the target's host) unless verify is off, which is warned about at start;
    SNI carries that name unless sni is off, and then the name is checked after the handshake, before any
-   byte is relayed. On the listen side, verify means client certificates are required (mTLS).
+   byte is relayed. On the listen side, verify means client certificates are required (mTLS), and
+   commonname (socat's, ignored without verify) a name they must carry, checked before the pair exists.
 5. SIGHUP reads the files of every TLS route again (server.py): a certificate rotated at the same path
    serves the connections from then on, without closing the listener; open connections keep theirs.
 """
@@ -92,6 +93,7 @@ class ListenTLS:
     key: str | None = None
     cafile: str | None = None  # CAs that sign client certificates (else the system store)
     verify: bool = False  # require a client certificate and verify it (mTLS)
+    commonname: str | None = None  # with verify: the name the client's certificate must carry (socat's)
 
     def describe(self) -> str:
         return "TLS, client certificates required" if self.verify else "TLS"
@@ -112,7 +114,14 @@ class TargetTLS:
         return "TLS" if self.verify else "TLS, not verified"
 
 
-LISTEN_KEYS = {"cert": "cert", "certificate": "cert", "key": "key", "cafile": "cafile", "verify": "verify"}
+LISTEN_KEYS = {
+    "cert": "cert",
+    "certificate": "cert",
+    "key": "key",
+    "cafile": "cafile",
+    "verify": "verify",
+    "commonname": "commonname",
+}
 TARGET_KEYS = {
     "cafile": "cafile",
     "verify": "verify",
@@ -123,7 +132,7 @@ TARGET_KEYS = {
     "certificate": "cert",
     "key": "key",
 }
-LISTEN_FORM = "expected cert=PEM[,key=PEM][,cafile=PEM][,verify=BOOL] (a mapping in YAML)"
+LISTEN_FORM = "expected cert=PEM[,key=PEM][,cafile=PEM][,verify=BOOL][,commonname=NAME] (a mapping in YAML)"
 TARGET_FORM = (
     "expected on, off, or cafile=PEM,verify=BOOL,server_name=NAME,sni=BOOL,cert=PEM,key=PEM "
     "(each optional; a mapping in YAML)"
@@ -176,14 +185,23 @@ def parse_listen(value: object) -> ListenTLS:
     items = _items(value, LISTEN_KEYS, LISTEN_FORM)
     if "cert" not in items:
         raise AddressError(f"{excerpt(value)} has no cert; {LISTEN_FORM}")
+    verify = _flag("verify", items["verify"]) if "verify" in items else "cafile" in items
     settings = ListenTLS(
         cert=_path("cert", items["cert"]),
         key=_path("key", items["key"]) if "key" in items else None,
         cafile=_path("cafile", items["cafile"]) if "cafile" in items else None,
-        verify=_flag("verify", items["verify"]) if "verify" in items else "cafile" in items,
+        verify=verify,
+        # As socat: a name to check means nothing without verify (no client certificate is asked for).
+        commonname=_name("commonname", items["commonname"]) if verify and items.get("commonname") else None,
     )
     server_context(settings)
     return settings
+
+
+def _name(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or not value.isprintable() or " " in value.strip():
+        raise AddressError(f"{key} {excerpt(value)} is not a name; {NAME_FORM}")
+    return value.strip()
 
 
 def parse_target(value: object) -> TargetTLS | None:
@@ -194,11 +212,7 @@ def parse_target(value: object) -> TargetTLS | None:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE | {""}:
         return TargetTLS() if value.strip().lower() in _TRUE else None
     items = _items(value, TARGET_KEYS, TARGET_FORM)
-    name = items.get("server_name")
-    if name is not None:
-        if not isinstance(name, str) or not name.strip() or not name.isprintable() or " " in name.strip():
-            raise AddressError(f"server_name {excerpt(name)} is not a name; {NAME_FORM}")
-        name = name.strip()
+    name = _name("server_name", items["server_name"]) if "server_name" in items else None
     settings = TargetTLS(
         cafile=_path("cafile", items["cafile"]) if "cafile" in items else None,
         verify=_flag("verify", items["verify"]) if "verify" in items else True,
@@ -340,15 +354,16 @@ class TargetSide:
 
     def mismatch(self, transport: Any, host: str) -> ssl.SSLCertVerificationError | None:
         """Without SNI: the error when the verified certificate does not carry the expected name."""
-        name = self.settings.server_name or host
-        cert = transport.get_extra_info("peercert") or {}
-        if names_match(cert, name):
-            return None
-        err = ssl.SSLCertVerificationError(
-            f"certificate verify failed: the certificate does not name {name!r}"
-        )
-        err.verify_code, err.verify_message = 62, f"hostname mismatch, certificate is not valid for {name!r}"
-        return err
+        return name_mismatch(transport, self.settings.server_name or host)
+
+
+def name_mismatch(transport: Any, name: str) -> ssl.SSLCertVerificationError | None:
+    """The error (classified name_mismatch) when the peer's verified certificate does not carry `name`."""
+    if names_match(transport.get_extra_info("peercert") or {}, name):
+        return None
+    err = ssl.SSLCertVerificationError(f"certificate verify failed: the certificate does not name {name!r}")
+    err.verify_code, err.verify_message = 62, f"hostname mismatch, certificate is not valid for {name!r}"
+    return err
 
 
 def names_match(cert: Mapping[str, Any], name: str) -> bool:
@@ -444,6 +459,10 @@ LISTEN_HINTS: dict[str, Callable[[ListenTLS, BaseException], str]] = {
     "unknown_ca": lambda s, e: (
         f"the client's certificate is not signed by a CA in {s.cafile or 'the system store'} "
         f"({getattr(e, 'verify_message', '')})"
+    ),
+    "name_mismatch": lambda s, e: (
+        f"the client's certificate does not carry the name {s.commonname!r} that this port requires "
+        "(commonname)"
     ),
     "expired": lambda s, e: (
         "the client's certificate has expired or is not valid yet: renew it (or check the clock)"

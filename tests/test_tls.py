@@ -291,6 +291,33 @@ def test_mtls_accepts_a_client_certificate_of_the_ca_and_refuses_the_others(
     assert any("unknown_ca" in line and certs.ca in line for line in lines), lines
 
 
+def test_listen_commonname_requires_that_name_in_the_client_certificate(
+    run: Run, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """socat's commonname= on OPENSSL-LISTEN: with mTLS, the client certificate (CN=app) must carry the
+    name. `app`: echoed; `billing`: the client is reset with no byte relayed, never a connection, counted
+    as name_mismatch and hinted."""
+
+    async def scenario() -> None:
+        client = client_context(certs, certs.client, certs.client_key)
+        async with tcp_server(echo) as target:
+            for name, served in (("app", True), ("billing", False)):
+                settings = ListenTLS(
+                    certs.server, certs.server_key, cafile=certs.ca, verify=True, commonname=name
+                )
+                async with relay(target, tls=settings) as server:
+                    assert await refused_handshake(port_of(server), client) == (b"hello\n" if served else b"")
+                    if not served:
+                        await wait_until(lambda: bool(failures(server)))
+                    assert failures(server) == ({} if served else {("listen", "name_mismatch"): 1})
+                    assert server.stats["test"].accepted == (1 if served else 0)
+
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        run(scenario())
+    (line,) = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert "name_mismatch" in line and "'billing'" in line
+
+
 def test_plain_text_to_a_tls_port_is_counted_and_hinted(
     run: Run, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -567,6 +594,19 @@ def test_socat_openssl_listen_verify(certs: Certs, listen: str, verify: bool) ->
     (route,) = build(parsed.raw).routes
     assert route.tls == ListenTLS(certs.server, certs.server_key, verify=verify)
     assert route.target_tls is None
+    parsed = socat.parse(
+        [
+            f"openssl-listen:443,cert={certs.server},key={certs.server_key},cafile={certs.ca},cn=app",
+            "tcp:db:80",
+        ]
+    )
+    (route,) = build(parsed.raw).routes
+    assert route.tls == ListenTLS(
+        certs.server, certs.server_key, cafile=certs.ca, verify=True, commonname="app"
+    )
+    listen = f"openssl-listen:443,cert={certs.server},key={certs.server_key},verify=0,commonname=app"
+    (route,) = build(socat.parse([listen, "tcp:db:80"]).raw).routes
+    assert route.tls == ListenTLS(certs.server, certs.server_key)  # as socat: no name to check without verify
     parsed = socat.parse(["tcp-listen:80", "openssl-connect:db:443,verify=0,openssl-commonname="])
     (route,) = build(parsed.raw).routes
     assert route.target_tls == TargetTLS(verify=False)  # an empty commonname is the default: db
