@@ -31,7 +31,7 @@ import os
 import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from relay.address import PATH_CHARS, AddressError, excerpt
@@ -225,13 +225,6 @@ def parse_target(value: object) -> TargetTLS | None:
         raise AddressError(f"{excerpt(value)} has a key but no cert; {TARGET_FORM}")
     client_context(settings)
     return settings
-
-
-def as_text(settings: ListenTLS | TargetTLS) -> dict[str, object]:
-    """The settings as a mapping that parse_listen / parse_target read back (socat.py builds these)."""
-    return {
-        f.name: getattr(settings, f.name) for f in fields(settings) if getattr(settings, f.name) is not None
-    }
 
 
 # --- contexts --------------------------------------------------------------------------------------------

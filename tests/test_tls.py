@@ -318,6 +318,20 @@ def test_listen_commonname_requires_that_name_in_the_client_certificate(
     assert "name_mismatch" in line and "'billing'" in line
 
 
+def test_an_expired_client_certificate_is_refused_as_expired(run: Run, certs: Certs) -> None:
+    """mTLS: a client presenting an expired certificate of the right CA is refused, counted as expired."""
+
+    async def scenario() -> None:
+        settings = ListenTLS(certs.server, certs.server_key, cafile=certs.ca, verify=True)
+        async with tcp_server(echo) as target, relay(target, tls=settings) as server:
+            expired = client_context(certs, certs.expired, certs.expired_key)
+            assert await refused_handshake(port_of(server), expired) == b""
+            await wait_until(lambda: bool(failures(server)))
+            assert failures(server) == {("listen", "expired"): 1}
+
+    run(scenario())
+
+
 def test_plain_text_to_a_tls_port_is_counted_and_hinted(
     run: Run, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
