@@ -216,3 +216,46 @@ def test_a_sighup_with_a_hostile_file_never_stalls_traffic(tmp_path: Path, kind:
             assert round_trip(fresh, b"new") == b"new"
             fresh.close()
             assert relay.stop() == 0
+
+
+def blocked_in_fifo_open(pid: int) -> bool:
+    """Whether a thread of `pid` waits in open() of a FIFO for a writer (the kernel's wait_for_partner)."""
+    for wchan in Path(f"/proc/{pid}/task").glob("*/wchan"):
+        try:
+            if wchan.read_text() == "wait_for_partner":
+                return True
+        except OSError:
+            continue  # the thread ended meanwhile
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_reload_stuck_reading_a_file_holds_neither_traffic_nor_a_stop(tmp_path: Path) -> None:
+    """Steps: SIGHUP with a file whose tls: cert= is a FIFO nobody writes, so reading it blocks for good
+    (as a stalled network mount would); once the relay's reading thread waits in that open(), the held
+    connection still echoes, each round trip within 1 s, and SIGTERM still drains and exits 0 (on main
+    the event loop itself sat in the open(): no byte relayed, no signal handled). The FIFO stands for any
+    read that never returns: should tls.py come to refuse FIFOs as the config file does, block elsewhere."""
+    listen = free_port_block(1)
+    path, fifo = tmp_path / "relay.yaml", tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    base = f"ports: '{listen}:{{target}}'\ntarget: 127.0.0.1\nlisten: 127.0.0.1\nmetrics: off\n"
+    with echo_server() as target:
+        path.write_text(base.format(target=target))
+        with RelayProcess(["--config", str(path)]) as relay:
+            relay.wait_for("ready")
+            held = connect_when_ready("127.0.0.1", listen)
+            held.settimeout(1.0)
+            assert round_trip(held, b"before") == b"before"
+            path.write_text(base.format(target=target) + f"tls: cert={fifo},key={fifo}\n")
+            relay.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while not blocked_in_fifo_open(relay.proc.pid):
+                assert time.monotonic() < deadline, relay.output()
+                time.sleep(0.01)
+            for rounds in range(5):
+                payload = f"while stuck {rounds}".encode()
+                assert round_trip(held, payload) == payload
+            held.close()
+            assert relay.stop(timeout=10) == 0
+        assert not any("reloaded" in line for line in relay.lines)
