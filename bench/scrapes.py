@@ -115,8 +115,12 @@ async def main(args: argparse.Namespace) -> None:
         "RELAY_METRICS": f"127.0.0.1:{metrics}",
         "RELAY_LOG_LEVEL": "warning",
     }
-    child = subprocess.Popen(
-        [sys.executable, "-m", "relay"], env=env, start_new_session=True, stdin=subprocess.DEVNULL
+    child = subprocess.Popen(  # in the tree: `-m` puts the working directory first on the path
+        [sys.executable, "-m", "relay"],
+        env=env,
+        cwd=args.tree,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         proc.wait_listening(child, metrics, timeout=120)
@@ -124,11 +128,14 @@ async def main(args: argparse.Namespace) -> None:
         sizes, durations = [], []
         for _ in range(5):
             start = time.perf_counter()
-            sizes.append(len(await asyncio.to_thread(get, metrics)))
+            body = await asyncio.to_thread(get, metrics)
             durations.append(time.perf_counter() - start)
+            sizes.append(len(body))
+        series = body.count(b"relay_connections_accepted_total{")
         print(
             f"{args.tree.name} {args.routes} routes ({args.form}): scrape "
-            f"{statistics.median(durations) * 1000:.0f} ms, {statistics.median(sizes) / 1e6:.3f} MB"
+            f"{statistics.median(durations) * 1000:.0f} ms, {statistics.median(sizes) / 1e6:.3f} MB, "
+            f"{series} series"
         )
         print(f"  RTT, no scrapes: {summary(await round_trips(base, args.seconds))}")
         scraping = subprocess.Popen(

@@ -21,7 +21,7 @@ from relay.cli import http_endpoint
 from relay.config import Config, Route
 from relay.server import Server
 from relay.upstream import Resolution, ResolveError, Resolver, SystemLookup
-from tests.support import echo, port_of, read_all, scrape, tcp_server, unused_port, value, wait_until
+from tests.support import echo, port_of, read_all, relay, scrape, tcp_server, unused_port, value, wait_until
 
 Run = Callable[..., Any]
 Lookup = Callable[..., Awaitable[list[tuple[Any, ...]]]]
@@ -469,5 +469,36 @@ def test_a_refused_connect_asks_the_resolver_again(run: Run) -> None:
                 await names.wait_calls(2)
         finally:
             await server.drain()
+
+    run(scenario())
+
+
+def test_lookup_counters_are_exported_at_zero_before_any_lookup(run: Run) -> None:
+    """Steps: target db.test, whose first lookup never answers, and a second relay with a literal target.
+    Before any lookup has finished, /metrics already has relay_resolver_lookups_total at 0 for db.test
+    with each result (ok, failed, timeout), and the literal target has its one name at 0 too: a dashboard
+    panel shows 0, not "No data" (issue 19)."""
+
+    async def scenario() -> None:
+        names = Names({"db.test": "127.0.0.1"})
+        names.gate("db.test")  # never opened
+        server = server_for(unused_port(), names, metrics=HostPort("127.0.0.1", 0))
+        await server.start()
+        try:
+            await names.wait_calls(1)
+            s = await scrape(server)
+            for result in ("ok", "failed", "timeout"):
+                assert (
+                    value(s, "relay_resolver_lookups_total", target="db.test", host="db.test", result=result)
+                    == 0
+                )
+        finally:
+            await server.drain()
+        async with relay(unused_port(), metrics=HostPort("127.0.0.1", 0)) as literal:
+            s = await scrape(literal)
+            assert (
+                value(s, "relay_resolver_lookups_total", target="127.0.0.1", host="127.0.0.1", result="ok")
+                == 0
+            )
 
     run(scenario())
