@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import gc
 import logging
 import resource
 import signal
@@ -139,6 +140,9 @@ class Server:
             raise
         privileges.drop(self.config.user)  # after binding: ports below 1024 need root (privileges.py)
         self.audit.start()
+        # The routes' listeners, contexts and stats live until a reload: out of the collector's sight (as
+        # cli.py does for the modules), else each full collection walks them all (~100 ms at 10,000 routes).
+        gc.freeze()
         log.info(
             "ready: relay %s, %d route(s), %d listener(s)", __version__, len(self.routes), len(self.listeners)
         )
