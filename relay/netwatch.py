@@ -42,7 +42,9 @@ POLL_INTERVAL = 0.5
 APP_RESTARTED = "app restarted"  # the server's exit reason; the CLI turns it into exit code 75
 STRANDED = "stranded"
 APP_REMOVED = "app_removed"
-RECREATE = "docker compose up -d --always-recreate-deps (or docker compose up -d --force-recreate relay)"
+# Once the app was recreated, only recreating the relay itself helps: `up -d --always-recreate-deps` does
+# nothing then (Compose 1.29, tests/docker/run.sh). "relay" stands for the relay service's name.
+RECREATE = "docker compose up -d --force-recreate relay (with your relay service's name)"
 
 Mode = Literal["auto", "on", "off"]
 Change = Literal["same", "restarted", "removed"]

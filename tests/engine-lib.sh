@@ -91,27 +91,33 @@ host_pip_index() {
     case "$url" in http://* | https://*) echo "$url" ;; esac
 }
 
+# base_image [ARCH]: the Debian bookworm base for ARCH (default: this machine's, dpkg's name: amd64, arm64),
+# built with debootstrap once and cached as $CACHE_DIR/base-ARCH-KEY.tar; sets BASE_IMAGE. A foreign ARCH
+# runs debootstrap's second stage under qemu-user (binfmt_misc), which takes minutes: hence the cache.
+# binutils (strip) is in it so that the image build needs no apt (the offline build).
 base_image() {
-    local mirror index key tar rootfs
+    local arch=${1:-$(dpkg --print-architecture)} mirror index key tar rootfs
     local -a changes=(-c 'ENV LANG=C.UTF-8' -c 'CMD ["bash"]')
+    # (only for a foreign arch: Podman, which maps `docker` here, builds the native one and has no --platform)
+    if [ "$arch" != "$(dpkg --print-architecture)" ]; then changes+=(--platform "linux/$arch"); fi
     mirror=$(apt_mirror)
     index=$(host_pip_index)
     if [ -n "$index" ]; then changes+=(-c "ENV PIP_INDEX_URL=$index"); fi
     key=$({
-        echo "recipe 1 bookworm minbase python3 python3-venv ca-certificates $mirror $index"
+        echo "recipe 2 bookworm minbase python3 python3-venv ca-certificates binutils $arch $mirror $index"
         cat /etc/ssl/certs/ca-certificates.crt /usr/local/share/ca-certificates/* 2> /dev/null || true
     } | sha256sum | cut -c1-12)
-    BASE_IMAGE=relay-test-base:$key
-    tar=$CACHE_DIR/base-$key.tar
+    BASE_IMAGE=relay-test-base:$arch-$key
+    tar=$CACHE_DIR/base-$arch-$key.tar
     if [ -f "$tar" ] && docker load -q -i "$tar" > /dev/null 2>&1 && docker image inspect "$BASE_IMAGE" > /dev/null 2>&1; then
         log "base image $BASE_IMAGE loaded from $tar"
         return 0
     fi
-    log "debootstrap bookworm from $mirror (once; cached as $tar)"
-    rootfs=$RUN/rootfs
-    timeout 400 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$rootfs" "$mirror" > "$RUN/debootstrap.log" 2>&1 || {
-        tail -20 "$RUN/debootstrap.log" >&2
+    log "debootstrap --arch=$arch bookworm from $mirror (once; cached as $tar)"
+    rootfs=$RUN/rootfs-$arch
+    timeout 1200 debootstrap --arch="$arch" --variant=minbase --include=python3,python3-venv,ca-certificates,binutils \
+        bookworm "$rootfs" "$mirror" > "$RUN/debootstrap-$arch.log" 2>&1 || {
+        tail -20 "$RUN/debootstrap-$arch.log" >&2
         return 1
     }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
@@ -123,9 +129,12 @@ base_image() {
     tar --numeric-owner -C "$rootfs" -c . | docker import "${changes[@]}" - "$BASE_IMAGE" > /dev/null
     rm -rf "$rootfs"
     mkdir -p "$CACHE_DIR"
-    rm -f "$CACHE_DIR"/base-*.tar
+    rm -f "$CACHE_DIR"/base-"$arch"-*.tar "$CACHE_DIR"/base-????????????.tar # this arch's older ones; the old naming
     docker save -o "$tar.partial" "$BASE_IMAGE" && mv "$tar.partial" "$tar"
 }
+
+# The version the image is built with: git tags through setuptools-scm (scripts/image-version).
+project_version() { "$REPO/scripts/image-version"; }
 
 apt_install() { # the Debian packages named, if any (the engine tests run as root)
     [ $# -gt 0 ] || return 0

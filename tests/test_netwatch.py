@@ -232,7 +232,9 @@ def test_removed_app_says_how_to_fix_and_does_not_exit(caplog: pytest.LogCapture
     with caplog.at_level("INFO", logger="relay"):
         watch.poll()
         watch.poll()
-    assert "--always-recreate-deps" in problems[APP_REMOVED]
+    # The fix that works once the app was recreated (Compose 1.29: --always-recreate-deps then does nothing).
+    assert "docker compose up -d --force-recreate relay" in problems[APP_REMOVED]
+    assert "--always-recreate-deps" not in problems[APP_REMOVED]
     assert STRANDED in problems
     removed = [r for r in caplog.records if "app container removed" in r.message]
     assert len(removed) == 1 and "--force-recreate relay" in removed[0].message
@@ -405,10 +407,10 @@ def test_hostname_file_without_links_says_recreate_and_keeps_running(tmp_path: P
         assert _get(address, "/readyz")[0] == 200
         source.unlink()
         line = relay.wait_for("app container removed:")
-        assert "docker compose up -d --always-recreate-deps" in line
+        assert "docker compose up -d --force-recreate relay" in line and "--always-recreate-deps" not in line
         status, body = _get(address, "/readyz")
         assert status == 503
-        assert any("--always-recreate-deps" in reason for reason in json.loads(body)["reasons"])
+        assert any("--force-recreate relay" in reason for reason in json.loads(body)["reasons"])
         assert "relay_stranded 1.0" in _get(address, "/metrics")[1]
         assert relay.proc.poll() is None
         assert relay.stop() == 0

@@ -8,10 +8,11 @@ dependencies coming from the package index the machine's pip is set up for.
 from __future__ import annotations
 
 import email.parser
+import functools
+import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -44,24 +45,29 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "bench", "build", "dist"
         ),
     )
+    # The copy has no .git: the version comes in as the Docker build gets it (scripts/image-version).
     result = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(out), str(src)],
         capture_output=True,
         text=True,
         timeout=240,
+        env={**os.environ, "SETUPTOOLS_SCM_PRETEND_VERSION": _version()},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 
-def _project() -> dict[str, object]:
-    with (REPO / "pyproject.toml").open("rb") as f:
-        project: dict[str, object] = tomllib.load(f)["project"]
-    return project
+@functools.cache
+def _version() -> str:
+    """The version from git tags (setuptools-scm), as scripts/image-version prints it."""
+    script = REPO / "scripts" / "image-version"
+    out = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    return out.stdout.strip()
 
 
 def test_build_makes_an_sdist_and_a_wheel_that_twine_accepts(dist: Path) -> None:
-    version = _project()["version"]
+    version = _version()
     names = sorted(p.name for p in dist.iterdir())
     assert names == [f"relay_sidecar-{version}-py3-none-any.whl", f"relay_sidecar-{version}.tar.gz"]
     result = subprocess.run(
@@ -102,7 +108,7 @@ def test_wheel_installs_into_a_fresh_venv_and_relay_runs(dist: Path, tmp_path: P
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-         "--disable-pip-version-check", "--find-links", str(dist), f"relay-sidecar=={_project()['version']}"],
+         "--disable-pip-version-check", "--find-links", str(dist), f"relay-sidecar=={_version()}"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -111,7 +117,7 @@ def test_wheel_installs_into_a_fresh_venv_and_relay_runs(dist: Path, tmp_path: P
     relay = venv / "bin" / "relay"
     version = subprocess.run([str(relay), "--version"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0, version.stderr
-    assert version.stdout.strip() == f"relay-sidecar {_project()['version']}"
+    assert version.stdout.strip() == f"relay-sidecar {_version()}"
     assert subprocess.run([str(relay), "--help"], capture_output=True, timeout=30).returncode == 0
     # The installed copy is the one that ran, not the working tree.
     where = subprocess.run(

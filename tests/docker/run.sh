@@ -85,6 +85,11 @@ install_missing() {
     command -v debootstrap > /dev/null || want+=(debootstrap)
     command -v ip > /dev/null || want+=(iproute2)
     command -v flock > /dev/null || want+=(util-linux)
+    command -v openssl > /dev/null || want+=(openssl)
+    if [ -z "${RELAY_SKIP_ARM64:-}" ] && [ "$(dpkg --print-architecture)" != arm64 ]; then
+        [ -x /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] || want+=(qemu-user-static)
+        command -v update-binfmts > /dev/null || want+=(binfmt-support)
+    fi
     command -v pgrep > /dev/null || want+=(procps)
     [ -x /usr/bin/python3 ] || want+=(python3)
     /usr/bin/python3 -c 'import yaml' 2> /dev/null || want+=(python3-yaml)
@@ -188,6 +193,7 @@ cleanup() {
         if [ "$DOCKER0_OURS" = 1 ]; then ip link delete docker0 2> /dev/null; fi
         if ! engine_running; then remove_cgroups docker_cgroups; fi
         restore_sysctls
+        restore_binfmt
         # The verdict on the cleanup itself.
         ip link show docker0 > /dev/null 2>&1 && [ "$DOCKER0_OURS" = 1 ] && leftovers+="docker0 bridge; "
         [ -n "$RUN" ] && grep -qF "$RUN" /proc/self/mountinfo && leftovers+="mounts under $RUN; "
@@ -254,17 +260,52 @@ start_dockerd() {
 # ---------------------------------------------------------------------------------------------------
 # The image
 
+build_context() { # $RUN/context: what .dockerignore lets in, plus wheels/ (scripts/fetch-wheels, cached)
+    local ctx=$RUN/context key wheels
+    mkdir -p "$ctx"
+    cp -r "$REPO"/{Dockerfile,.dockerignore,pyproject.toml,README.md,LICENSE,relay,docker} "$ctx"/
+    find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
+    key=$(cat "$REPO/pyproject.toml" "$REPO/scripts/fetch-wheels" | sha256sum | cut -c1-12)
+    wheels=$CACHE_DIR/wheels-$key
+    if [ ! -d "$wheels" ]; then
+        log "scripts/fetch-wheels (once; cached as $wheels)"
+        rm -rf "$CACHE_DIR"/wheels-*
+        if ! PYTHON=$PY timeout 300 "$REPO/scripts/fetch-wheels" "$wheels.partial" > "$RUN/fetch-wheels.log" 2>&1; then
+            tail -20 "$RUN/fetch-wheels.log" >&2
+            return 1
+        fi
+        mv "$wheels.partial" "$wheels"
+    fi
+    cp -r "$wheels" "$ctx/wheels"
+    CONTEXT=$ctx
+}
+
+# build_image TAG BASE [PLATFORM]: the offline build (README "Offline build"): the base loaded from a tar,
+# the wheels in the context, and no network at all for the build's steps (--network none).
 build_image() {
-    local version arg
-    local -a args=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE")
-    version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$REPO/pyproject.toml")
-    args+=(--build-arg "VERSION=$version")
-    for arg in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
-        if [ -n "${!arg:-}" ]; then args+=(--build-arg "$arg=${!arg}"); fi
-    done
-    RELAY_IMAGE="relay-sidecar:docker-test"
-    log "docker build (BASE_IMAGE=$BASE_IMAGE)"
-    DOCKER_BUILDKIT=0 timeout 300 docker build -q "${args[@]}" -t "$RELAY_IMAGE" "$REPO" > "$RUN/build.log" 2>&1
+    local tag=$1 base=$2 platform=${3:-}
+    local -a args=(--network none --build-arg "BASE_IMAGE=$base" --build-arg "VERSION=$VERSION")
+    if [ -n "$platform" ]; then args+=(--platform "$platform"); fi
+    log "docker build --network none ${platform:+--platform $platform }(BASE_IMAGE=$base)"
+    DOCKER_BUILDKIT=0 timeout 900 docker build -q "${args[@]}" -t "$tag" "$CONTEXT" > "$RUN/build-${tag##*:}.log" 2>&1
+}
+
+offline_failure() { # without wheels/ and without network, the build's last line must name the cause
+    local ctx=$RUN/context-nowheels output last
+    cp -r "$CONTEXT" "$ctx"
+    rm -rf "$ctx/wheels"
+    if output=$(DOCKER_BUILDKIT=0 timeout 300 docker build --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+        -t relay-sidecar:no-network "$ctx" 2>&1); then
+        fail "offline: a build without wheels/ and without network succeeded"
+        return 0
+    fi
+    # The builder's own last words ("The command ... returned a non-zero code") follow the step's output.
+    last=$(printf '%s\n' "$output" | grep -v "^The command '\|^ ---> \|^Removing intermediate\|^$" | tail -1)
+    if [[ $last == "build needs network: pip install"*"see README 'Offline build'" ]]; then
+        pass "offline: without wheels/ and network the build fails, its last line: ${last:0:100}..."
+    else
+        fail "offline: the failed build's last line names the missing network" "$(printf '%s\n' "$output" | tail -8)"
+    fi
 }
 
 check_image_config() {
@@ -276,14 +317,108 @@ check_image_config() {
         got=$(docker image inspect -f "{{index .Config.Labels \"org.opencontainers.image.$label\"}}" "$RELAY_IMAGE")
         [ -n "$got" ] || { echo "label org.opencontainers.image.$label missing"; return 1; }
     done
+    got=$(docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.version"}}' "$RELAY_IMAGE")
+    [ "$got" = "$VERSION" ] || { echo "label org.opencontainers.image.version: $got, expected $VERSION"; return 1; }
+    got=$(timeout 30 docker run --rm --network none "$RELAY_IMAGE" --version 2>&1)
+    [ "$got" = "relay-sidecar $VERSION" ] || { echo "relay --version: $got, expected relay-sidecar $VERSION"; return 1; }
+}
+
+check_image_contents() { # distroless: no shell, no package manager, no pip anywhere in the image
+    local cid found
+    cid=$(docker create "$RELAY_IMAGE" 2> /dev/null)
+    found=$(docker export "$cid" | tar -t | grep -E '(^|/)(sh|bash|dash|busybox|apt|apt-get|dpkg|pip[0-9.]*|ensurepip)/?$' || true)
+    docker rm "$cid" > /dev/null
+    [ -z "$found" ] || { echo "found: $found"; return 1; }
+    if timeout 30 docker run --rm --network none --entrypoint sh "$RELAY_IMAGE" -c true > /dev/null 2>&1; then
+        echo "docker run --entrypoint sh ran a shell"
+        return 1
+    fi
 }
 
 report_size() {
-    local total base
+    local total base gz
     total=$(docker image inspect -f '{{.Size}}' "$RELAY_IMAGE")
-    base=$(docker image inspect -f '{{.Size}}' "$BASE_IMAGE")
-    echo "image size: $((total / 1000000)) MB = base $((base / 1000000)) MB + relay $(((total - base) / 1000000)) MB" \
-        "($(((total - base) / 1000)) kB)"
+    gz=$(docker save "$RELAY_IMAGE" | gzip -c | wc -c)
+    echo "image size: $((total / 1000000)) MB uncompressed, $((gz / 1000000)) MB as a gzipped docker save" \
+        "($((total / 1000)) kB, $((gz / 1000)) kB); before issue 19: 127 MB on the same base"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Every module the relay needs at run time, inside the built image (issue 19): TCP, UDP, Unix sockets,
+# TLS, metrics, reload (SIGHUP) and `relay check`, in a container of the image with no network but its
+# own loopback; the "host" services run inside it too, on the image's own python.
+
+exercise_image() {
+    local dir=$RUN/exercise cid t0 output startup
+    log "the image's run-time modules: TCP, UDP, Unix, TLS, metrics, reload, check"
+    mkdir -m 0777 "$dir"
+    printf '%s\n' "ports: \"8000:18000 8125:18125/udp\"" "target: 127.0.0.1" "metrics: 127.0.0.1:9464" "routes:" \
+        "  - {name: sock-in, listen: 'unix:/x/relay.sock', mode: '0666', target: '127.0.0.1:18000'}" \
+        "  - {name: sock-out, listen: 5432, target: 'unix:/x/host.sock'}" > "$dir/relay.yaml"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+        -addext subjectAltName=DNS:localhost -keyout "$dir/key.pem" -out "$dir/cert.pem" > /dev/null 2>&1
+    chmod 0644 "$dir"/*.pem
+    t0=$(now_ms)
+    cid=$(docker run -d --network none --sysctl net.ipv6.conf.all.disable_ipv6=0 --read-only --cap-drop ALL \
+        -v "$dir:/x" -v "$HERE:/t:ro" \
+        "$RELAY_IMAGE" --config /x/relay.yaml)
+    if ! wait_for_relay "$cid"; then
+        fail "image: relay started from a YAML file" "$(relay_logs "$cid")"
+        docker rm -f "$cid" > /dev/null
+        return 0
+    fi
+    startup=$(($(now_ms) - t0))
+    # The "host" services, inside the container (no shell there to redirect: runpy with stdout to a file).
+    docker exec -d "$cid" python3 -c 'import runpy, sys; sys.stdout = open("/x/services.log", "w", buffering=1)
+sys.argv = ["host_services.py", "127.0.0.1", "18000", "18125", "unix:/x/host.sock:5432"]
+runpy.run_path("/t/host_services.py", run_name="__main__")'
+    if ! wait_for_line "$dir/services.log" ready 20; then
+        fail "image: host services inside the image" "$(cat "$dir/services.log" 2> /dev/null)"
+        docker rm -f "$cid" > /dev/null
+        return 0
+    fi
+    if output=$(run_client "$cid" 4:8000:18000 6:8000:18000 u4:8125:18125 s:/x/relay.sock:18000 4:5432:5432 2>&1); then
+        pass "image: TCP (127.0.0.1, ::1), UDP, a Unix socket listener and a Unix socket target relay through the image ($startup ms to ready)"
+    else
+        fail "image: TCP, UDP and Unix sockets through the image" "$output
+$(relay_logs "$cid")"
+    fi
+    if output=$(timeout 60 docker exec "$cid" python3 /t/tls_handshake.py /x/cert.pem /x/key.pem 2>&1); then
+        pass "image: $output (the image's _ssl, libssl and CA bundle)"
+    else
+        fail "image: a TLS handshake with the image's python" "$output"
+    fi
+    if output=$(timeout 30 docker exec "$cid" python3 -c 'import urllib.request
+print(urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10).read().decode())' 2>&1) &&
+        [[ $output == *"relay_build_info{version=\"$VERSION\"}"* && $output == *relay_bytes_total* ]]; then
+        pass "image: /metrics serves relay_build_info{version=\"$VERSION\"} and the byte counters"
+    else
+        fail "image: /metrics" "${output:0:2000}"
+    fi
+    echo "  - {name: added, listen: 8001, target: '127.0.0.1:18000'}" >> "$dir/relay.yaml"
+    docker kill -s HUP "$cid" > /dev/null
+    if wait_for_log "$cid" "reloaded: 1 route(s) added" 10 && output=$(run_client "$cid" 4:8001:18000 2>&1); then
+        pass "image: SIGHUP reloads the YAML file; the added route relays"
+    else
+        fail "image: reload on SIGHUP" "$output
+$(relay_logs "$cid")"
+    fi
+    if output=$(timeout 60 docker exec "$cid" relay check --config /x/relay.yaml 2>&1); then
+        pass "image: relay check exits 0 with every target answering"
+    else
+        fail "image: relay check" "$output"
+    fi
+    # The HEALTHCHECK's own cost: `relay healthcheck`'s peak resident memory, in the image.
+    if output=$(timeout 30 docker exec -e RELAY_METRICS=127.0.0.1:9464 "$cid" python3 -c 'import resource, sys
+from relay.cli import main
+try:
+    code = main(["healthcheck"])
+except SystemExit as e:
+    code = e.code
+print("healthcheck exit", code, "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MiB")' 2>&1); then
+        echo "$output; start-up to ready: $startup ms"
+    fi
+    docker rm -f "$cid" > /dev/null
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,6 +546,12 @@ example() { # example NAME PROJECT gateway|docker0 "PORT..." CHECK...: one compo
     else
         fail "$name: relay healthcheck inside the relay container" "$output"
     fi
+    # README's command for `relay check` (`docker compose exec relay relay check`; -T: no terminal here).
+    if output=$(compose "$project" exec -T relay relay check 2>&1); then
+        pass "$name: '${COMPOSE[*]} exec relay relay check' (README's command) exits 0"
+    else
+        fail "$name: '${COMPOSE[*]} exec relay relay check'" "$output"
+    fi
     if output=$(run_client "$app" "$@" 2>&1); then
         pass "$name: echo and half-close through localhost, $# port/family checks ($1 ...), reach $address"
     else
@@ -536,14 +677,39 @@ $(relay_state "$relay")"
     docker rm -f "$app" > /dev/null
     # shellcheck disable=SC2015 # `|| true` is meant for either step failing: the check below reads $output
     output=$(wait_for_log "$relay" "app container removed" 10 && timeout 20 docker exec "$relay" relay healthcheck 2>&1 || true)
-    if [ "$(docker inspect -f '{{.State.Running}}' "$relay")" = true ] && [[ $output == *"--always-recreate-deps"* ]]; then
+    if [ "$(docker inspect -f '{{.State.Running}}' "$relay")" = true ] && [[ $output == *"up -d --force-recreate relay"* ]]; then
         pass "app removed: the relay keeps running, logs and reports the fix: ${output:0:60}..."
     else
         fail "app removed: relay running, 'app container removed' logged, /readyz naming the fix" "$output
 $(relay_state "$relay")"
     fi
+    recreate_fixes "$project"
     compose_down "$project"
     stop_pid "${BG_PIDS[-1]}" 5
+}
+
+# The app was recreated (`up -d` after the removal, as a user's change to the app does): which Compose
+# command brings the app's localhost back. The relay's hint (`up -d --force-recreate relay`) must; the
+# others are reported with this Compose's version (issue 19: --always-recreate-deps did nothing on 1.29).
+recreate_fixes() {
+    local project=$1 app step
+    for step in "up -d" "up -d --always-recreate-deps"; do
+        # shellcheck disable=SC2086 # $step is a list of arguments
+        compose "$project" $step >> "$RUN/$project.recreate.log" 2>&1
+        app=$(container "$project" app)
+        if wait_for_localhost "$app" 3000 "$(now_ms)" 8000; then
+            echo "compose-fix: ${COMPOSE[*]} $COMPOSE_VERSION, app recreated: '$step' brought localhost back"
+        else
+            echo "compose-fix: ${COMPOSE[*]} $COMPOSE_VERSION, app recreated: '$step' did not bring localhost back"
+        fi
+    done
+    compose "$project" up -d --force-recreate relay >> "$RUN/$project.recreate.log" 2>&1
+    if wait_for_localhost "$app" 3000 "$(now_ms)" 8000; then
+        pass "app recreated: the relay's fix '${COMPOSE[*]} up -d --force-recreate relay' brings localhost back in $BACK_MS ms (Compose $COMPOSE_VERSION)"
+    else
+        fail "app recreated: '${COMPOSE[*]} up -d --force-recreate relay' did not bring localhost back" \
+            "$(tail -20 "$RUN/$project.recreate.log")"
+    fi
 }
 
 host_socket() { # host_socket PROJECT: a host service on 127.0.0.1 and a socket file only, reached via the file
@@ -612,6 +778,100 @@ holder_layout() { # holder_layout PROJECT: app and relay in a holder's namespace
 }
 
 # ---------------------------------------------------------------------------------------------------
+# arm64 (issue 19): the image built for linux/arm64 on an arm64 base and run under qemu-user emulation
+
+BINFMT_MOUNTED=0
+BINFMT_ENABLED=0
+
+emulation() { # can this machine run arm64 binaries? Sets EMULATION_WHY when not.
+    [ "$(dpkg --print-architecture)" = arm64 ] && return 0
+    if [ ! -x /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] && ! command -v qemu-aarch64-static > /dev/null; then
+        EMULATION_WHY="qemu-user-static is not installed"
+        return 1
+    fi
+    if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
+        if ! mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2> /dev/null; then
+            EMULATION_WHY="binfmt_misc cannot be mounted (not in this kernel, or no privilege)"
+            return 1
+        fi
+        BINFMT_MOUNTED=1
+    fi
+    if ! grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 2> /dev/null; then
+        update-binfmts --enable qemu-aarch64 > /dev/null 2>&1 && BINFMT_ENABLED=1
+    fi
+    if ! grep -q '^flags: .*F' /proc/sys/fs/binfmt_misc/qemu-aarch64 2> /dev/null; then
+        EMULATION_WHY="no qemu-aarch64 binfmt handler with the F flag (update-binfmts --enable qemu-aarch64)"
+        return 1
+    fi
+}
+
+restore_binfmt() { # leave binfmt_misc as the run found it
+    [ "$BINFMT_ENABLED" = 1 ] && update-binfmts --disable qemu-aarch64 > /dev/null 2>&1
+    [ "$BINFMT_MOUNTED" = 1 ] && umount /proc/sys/fs/binfmt_misc 2> /dev/null
+    BINFMT_ENABLED=0 BINFMT_MOUNTED=0
+}
+
+arm64() { # the core of this test on the arm64 image: echo, half-close, /readyz, an app restart
+    local t0 amd_base=$BASE_IMAGE arm_base app relay output arch
+    if [ -n "${RELAY_SKIP_ARM64:-}" ]; then
+        echo "SKIP arm64: RELAY_SKIP_ARM64 is set"
+        return 0
+    fi
+    if ! emulation; then
+        echo "SKIP arm64: cannot run arm64 binaries here: $EMULATION_WHY"
+        return 0
+    fi
+    log "arm64 under emulation"
+    t0=$(now_ms)
+    if ! base_image arm64; then
+        fail "arm64: debootstrap --arch=arm64 base"
+        BASE_IMAGE=$amd_base
+        return 0
+    fi
+    arm_base=$BASE_IMAGE
+    BASE_IMAGE=$amd_base
+    if ! build_image relay-sidecar:docker-test-arm64 "$arm_base" linux/arm64; then
+        fail "arm64: docker build --platform linux/arm64" "$(tail -30 "$RUN/build-docker-test-arm64.log")"
+        return 0
+    fi
+    arch=$(docker image inspect -f '{{.Architecture}}' relay-sidecar:docker-test-arm64)
+    if [ "$arch" = arm64 ]; then
+        pass "arm64: offline docker build --platform linux/arm64 on an arm64 base ($((($(now_ms) - t0) / 1000)) s with the base)"
+    else
+        fail "arm64: the image's architecture is $arch"
+        return 0
+    fi
+    # The app (native) and the relay (arm64, emulated) in its namespace, as with network_mode: service:app.
+    start_host_services "$DOCKER0_IP" 3000 || { fail "arm64: host service on $DOCKER0_IP"; return 0; }
+    app=$(docker run -d --name "relaytest$$-arm-app" --sysctl net.ipv6.conf.all.disable_ipv6=0 "$BASE_IMAGE" sleep infinity)
+    relay=$(docker run -d --name "relaytest$$-arm-relay" --platform linux/arm64 --network "container:$app" \
+        --restart unless-stopped --read-only --cap-drop ALL -e RELAY_PORTS=3000 -e "RELAY_TARGET=$DOCKER0_IP" \
+        relay-sidecar:docker-test-arm64)
+    if ! wait_for_relay "$relay" || ! wait_for_localhost "$app" 3000 "$(now_ms)" 20000; then
+        fail "arm64: relay ready and a first round trip" "$(relay_state "$relay")"
+    elif ! output=$(docker exec "$relay" python3 -c 'import platform; print(platform.machine())') || [ "$output" != aarch64 ]; then
+        fail "arm64: the relay's python runs as aarch64" "$output"
+    else
+        if output=$(run_client "$app" 4:3000:3000 6:3000:3000 2>&1); then
+            pass "arm64: echo and half-close through the app's localhost (127.0.0.1, ::1) to the relay on aarch64"
+        else
+            fail "arm64: echo and half-close" "$output
+$(relay_logs "$relay")"
+        fi
+        if output=$(timeout 60 docker exec "$relay" relay healthcheck 2>&1); then
+            pass "arm64: /readyz through relay healthcheck: ${output:0:40}..."
+        else
+            fail "arm64: relay healthcheck" "$output"
+        fi
+        app_restart_case "docker restart" "$app" "$relay"
+    fi
+    docker rm -f "$relay" "$app" > /dev/null
+    stop_pid "${BG_PIDS[-1]}" 5
+    ARM64_SECONDS=$((($(now_ms) - t0) / 1000))
+    echo "arm64: built and tested in $ARM64_SECONDS s"
+}
+
+# ---------------------------------------------------------------------------------------------------
 
 main() {
     install_missing
@@ -635,24 +895,37 @@ main() {
 
     start_dockerd
     base_image
-    if build_image; then
-        pass "image: docker build with BASE_IMAGE=$BASE_IMAGE"
+    VERSION=$(project_version)
+    if ! build_context; then
+        fail "image: build context with wheels (scripts/fetch-wheels)"
+        return 0
+    fi
+    RELAY_IMAGE="relay-sidecar:docker-test"
+    if build_image "$RELAY_IMAGE" "$BASE_IMAGE"; then
+        pass "image: offline docker build (--network none, wheels/, BASE_IMAGE=$BASE_IMAGE loaded from a tar)"
         report_size
     else
-        fail "image: docker build" "$(tail -30 "$RUN/build.log")"
+        fail "image: docker build" "$(tail -30 "$RUN/build-docker-test.log")"
         return 0
     fi
     local detail
     if detail=$(check_image_config); then
-        pass "image: user 10001, ENTRYPOINT [relay], STOPSIGNAL SIGTERM, OCI labels"
+        pass "image: user 10001, ENTRYPOINT [relay], STOPSIGNAL SIGTERM, OCI labels, version $VERSION"
     else
         fail "image: config" "$detail"
+    fi
+    if detail=$(check_image_contents); then
+        pass "image: no shell, package manager or pip in it (docker export; --entrypoint sh fails)"
+    else
+        fail "image: distroless" "$detail"
     fi
     if detail=$(timeout 30 docker run --rm --read-only --cap-drop ALL --network none "$RELAY_IMAGE" --help 2>&1); then
         pass "image: relay --help runs with a read-only root, no capabilities, no network"
     else
         fail "image: relay --help with a read-only root and no capabilities" "$detail"
     fi
+    offline_failure
+    exercise_image
 
     start_dns
     example socat-dropin "relaytest$$a" gateway "8000" 4:8000:8000 6:8000:8000
@@ -662,6 +935,7 @@ main() {
     app_restarts "relaytest$$c"
     holder_layout "relaytest$$d"
     host_socket "relaytest$$e"
+    arm64
     local line
     for line in "${REJOIN[@]}"; do echo "rejoin: $line"; done
 }

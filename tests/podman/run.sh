@@ -267,7 +267,7 @@ cleanup() {
 build_image() {
     local version arg
     local -a args=(--format docker --network host --pull=never --build-arg "BASE_IMAGE=$BASE_IMAGE")
-    version=$(/usr/bin/python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$REPO/pyproject.toml")
+    version=$(project_version)
     args+=(--build-arg "VERSION=$version")
     for arg in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
         if [ -n "${!arg:-}" ]; then args+=(--build-arg "$arg=${!arg}"); fi
@@ -441,7 +441,7 @@ main() {
     configure
     log "$(podman --version); storage, runroot and network config under $RUN"
 
-    base_image
+    base_image "$(dpkg --print-architecture)"
     if build_image; then
         pass "image: podman build --format docker with BASE_IMAGE=$BASE_IMAGE"
     else
