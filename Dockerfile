@@ -23,6 +23,11 @@
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS builder
+# The whole build context: pyproject.toml, README.md, LICENSE, relay/, docker/ and, when present, wheels/.
+# Each stage's one COPY comes first: the classic builder (docker build --platform linux/arm64 on an amd64
+# engine) labels every image it commits with the engine's platform, and a COPY onto such an image fails
+# with "does not match the specified platform".
+COPY . /src
 # The version for the labels and the package (setuptools-scm reads git tags; the build context has no .git,
 # so the version comes in as a build argument; scripts/image-version prints it).
 ARG VERSION=0.0.0+unknown
@@ -31,7 +36,6 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY docker ./docker
 # strip (binutils) shrinks the compiled extensions: the wheels ship them with debug info (uvloop 13 MB -> 1.6 MB).
 # STRIP=no skips it (on an offline engine whose base has no binutils; the image is then ~11 MB larger).
 # No version pin (DL3008): BASE_IMAGE may be any Debian-like release, and no one pin fits them all.
@@ -40,8 +44,6 @@ RUN [ "$STRIP" = no ] || command -v strip > /dev/null \
     || docker/online.sh "apt-get install binutils (for strip; or --build-arg STRIP=no)" \
         sh -c 'apt-get update && apt-get install --yes --no-install-recommends binutils'
 RUN python3 -m venv /opt/relay
-# The whole build context: pyproject.toml, README.md, LICENSE, relay/, docker/ and, when present, wheels/.
-COPY . ./
 # Install the project (and so its dependencies), then drop the installer from the venv: the final stage
 # never installs anything. pip byte-compiles what it installs, so a read-only root loses nothing.
 RUN if [ -d wheels ]; then set -- --no-index --find-links wheels; else set --; fi \
@@ -58,13 +60,13 @@ RUN python3 docker/rootfs.py /opt/relay /rootfs \
     && chroot /rootfs /opt/relay/bin/relay --version
 
 FROM scratch
+COPY --from=builder /rootfs /
 ARG VERSION=0.0.0+unknown
 LABEL org.opencontainers.image.title="relay-sidecar" \
       org.opencontainers.image.description="A sidecar that makes a container's localhost ports reach the Docker host: a fast, observable socat replacement." \
       org.opencontainers.image.source="https://github.com/relay-sidecar/relay-sidecar" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.version="${VERSION}"
-COPY --from=builder /rootfs /
 ENV PATH="/opt/relay/bin:/usr/bin" \
     LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -92,7 +92,7 @@ host_pip_index() {
 }
 
 # base_image [ARCH]: the Debian bookworm base for ARCH (default: this machine's, dpkg's name: amd64, arm64),
-# built with debootstrap once and cached as $CACHE_DIR/base-ARCH-KEY.tar; sets BASE_IMAGE. A foreign ARCH
+# built with debootstrap once and cached as $CACHE_DIR/debootstrap-ARCH-KEY.tar; sets BASE_IMAGE. A foreign ARCH
 # runs debootstrap's second stage under qemu-user (binfmt_misc), which takes minutes: hence the cache.
 # binutils (strip) is in it so that the image build needs no apt (the offline build).
 base_image() {
@@ -108,7 +108,7 @@ base_image() {
         cat /etc/ssl/certs/ca-certificates.crt /usr/local/share/ca-certificates/* 2> /dev/null || true
     } | sha256sum | cut -c1-12)
     BASE_IMAGE=relay-test-base:$arch-$key
-    tar=$CACHE_DIR/base-$arch-$key.tar
+    tar=$CACHE_DIR/debootstrap-$arch-$key.tar
     if [ -f "$tar" ] && docker load -q -i "$tar" > /dev/null 2>&1 && docker image inspect "$BASE_IMAGE" > /dev/null 2>&1; then
         log "base image $BASE_IMAGE loaded from $tar"
         return 0
@@ -129,7 +129,7 @@ base_image() {
     tar --numeric-owner -C "$rootfs" -c . | docker import "${changes[@]}" - "$BASE_IMAGE" > /dev/null
     rm -rf "$rootfs"
     mkdir -p "$CACHE_DIR"
-    rm -f "$CACHE_DIR"/base-"$arch"-*.tar "$CACHE_DIR"/base-????????????.tar # this arch's older ones; the old naming
+    rm -f "$CACHE_DIR"/debootstrap-"$arch"-*.tar # this arch's older ones
     docker save -o "$tar.partial" "$BASE_IMAGE" && mv "$tar.partial" "$tar"
 }
 

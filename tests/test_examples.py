@@ -8,7 +8,6 @@ examples run for real in tests/docker/run.sh (1 and 2); this file guards all of 
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ EXAMPLES = ROOT / "compose-examples"
 COMPOSE_EXAMPLES = ("socat-dropin", "many-ports", "postgres-and-redis", "host-socket")
 SEED_COMMAND = ["-d", "tcp-listen:8000,fork,reuseaddr", "tcp-connect:host.docker.internal:8000"]
 HOST_GATEWAY = "host.docker.internal:host-gateway"
-VERSION = str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
 RELAY_IMAGE = "relay-sidecar:local"  # built from the clone: no registry publishes the image
 BUILD_EXAMPLE = "postgres-and-redis"  # the one whose relay service also says how to build it
 
@@ -171,24 +169,28 @@ def test_kubernetes_native_sidecar() -> None:
 
 
 def test_dockerfile_shape() -> None:
-    """Dockerfile: BASE_IMAGE argument defaulting to python:3.12-slim, used by the builder and the final
-    stage; python3 from PATH; the final stage copies only the venv, runs as a non-root user, starts
-    `relay`, stops on SIGTERM, carries the OCI labels, its version label defaulting to pyproject's."""
+    """Dockerfile: BASE_IMAGE argument defaulting to python:3.12-slim for the builder; python3 from PATH; a
+    distroless final stage (scratch plus the root the builder assembled: no shell, no package manager),
+    running as a non-root user, starting `relay`, stopping on SIGTERM, carrying the OCI labels with the
+    version from the VERSION build argument (no .git in the context; scripts/image-version gives it)."""
     text = (ROOT / "Dockerfile").read_text()
     instructions = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
     assert instructions[0] == "ARG BASE_IMAGE=python:3.12-slim"
     assert [line for line in instructions if line.startswith("FROM")] == [
         "FROM ${BASE_IMAGE} AS builder",
-        "FROM ${BASE_IMAGE}",
+        "FROM scratch",
     ]
-    final = text[text.index("FROM ${BASE_IMAGE}\n") :]
-    assert re.findall(r"^COPY .*", final, re.M) == ["COPY --from=builder /opt/relay /opt/relay"]
+    final = text[text.index("FROM scratch\n") :]
+    assert re.findall(r"^COPY .*", final, re.M) == ["COPY --from=builder /rootfs /"]
+    assert re.findall(r"^RUN", final, re.M) == []  # nothing to run it with
     assert "python3 -m venv" in text
+    assert "docker/rootfs.py /opt/relay /rootfs" in text
     assert not re.search(r"/usr/(local/)?bin/python", text)
     assert re.search(r"^USER 10001:10001$", final, re.M)
     assert 'ENTRYPOINT ["relay"]' in instructions
     assert "STOPSIGNAL SIGTERM" in instructions
-    assert f"ARG VERSION={VERSION}" in instructions
+    assert 'org.opencontainers.image.version="${VERSION}"' in final
+    assert "SETUPTOOLS_SCM_PRETEND_VERSION=\"$VERSION\"" in text
     for label in ("title", "description", "source", "licenses", "version"):
         assert f"org.opencontainers.image.{label}=" in final
 
@@ -203,7 +205,9 @@ def test_dockerignore_keeps_the_context_small() -> None:
     copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
     for sources in copied:
         for source in sources.split():
-            assert source in allowed, f"{source} is copied but excluded by .dockerignore"
+            # "." is the whole context, which is what the .dockerignore lets in.
+            assert source == "." or source in allowed, f"{source} is copied but excluded by .dockerignore"
+    assert {"pyproject.toml", "README.md", "LICENSE", "relay", "docker", "wheels"} <= allowed
     assert "**/__pycache__" in lines
 
 

@@ -834,23 +834,23 @@ arm64() { # the core of this test on the arm64 image: echo, half-close, /readyz,
         fail "arm64: docker build --platform linux/arm64" "$(tail -30 "$RUN/build-docker-test-arm64.log")"
         return 0
     fi
-    arch=$(docker image inspect -f '{{.Architecture}}' relay-sidecar:docker-test-arm64)
-    if [ "$arch" = arm64 ]; then
+    # (The classic builder labels the images it commits with the engine's platform: ask the binaries.)
+    arch=$(timeout 60 docker run --rm --network none --entrypoint python3 relay-sidecar:docker-test-arm64 \
+        -c 'import platform; print(platform.machine())' 2>&1)
+    if [ "$arch" = aarch64 ]; then
         pass "arm64: offline docker build --platform linux/arm64 on an arm64 base ($((($(now_ms) - t0) / 1000)) s with the base)"
     else
-        fail "arm64: the image's architecture is $arch"
+        fail "arm64: the image's python runs as aarch64" "$arch"
         return 0
     fi
     # The app (native) and the relay (arm64, emulated) in its namespace, as with network_mode: service:app.
     start_host_services "$DOCKER0_IP" 3000 || { fail "arm64: host service on $DOCKER0_IP"; return 0; }
     app=$(docker run -d --name "relaytest$$-arm-app" --sysctl net.ipv6.conf.all.disable_ipv6=0 "$BASE_IMAGE" sleep infinity)
-    relay=$(docker run -d --name "relaytest$$-arm-relay" --platform linux/arm64 --network "container:$app" \
+    relay=$(docker run -d --name "relaytest$$-arm-relay" --network "container:$app" \
         --restart unless-stopped --read-only --cap-drop ALL -e RELAY_PORTS=3000 -e "RELAY_TARGET=$DOCKER0_IP" \
         relay-sidecar:docker-test-arm64)
     if ! wait_for_relay "$relay" || ! wait_for_localhost "$app" 3000 "$(now_ms)" 20000; then
         fail "arm64: relay ready and a first round trip" "$(relay_state "$relay")"
-    elif ! output=$(docker exec "$relay" python3 -c 'import platform; print(platform.machine())') || [ "$output" != aarch64 ]; then
-        fail "arm64: the relay's python runs as aarch64" "$output"
     else
         if output=$(run_client "$app" 4:3000:3000 6:3000:3000 2>&1); then
             pass "arm64: echo and half-close through the app's localhost (127.0.0.1, ::1) to the relay on aarch64"
