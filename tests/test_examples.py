@@ -190,7 +190,7 @@ def test_dockerfile_shape() -> None:
     assert 'ENTRYPOINT ["relay"]' in instructions
     assert "STOPSIGNAL SIGTERM" in instructions
     assert 'org.opencontainers.image.version="${VERSION}"' in final
-    assert "SETUPTOOLS_SCM_PRETEND_VERSION=\"$VERSION\"" in text
+    assert 'SETUPTOOLS_SCM_PRETEND_VERSION="$VERSION"' in text
     for label in ("title", "description", "source", "licenses", "version"):
         assert f"org.opencontainers.image.{label}=" in final
 

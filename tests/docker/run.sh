@@ -354,7 +354,10 @@ exercise_image() {
     mkdir -m 0777 "$dir"
     printf '%s\n' "ports: \"8000:18000 8125:18125/udp\"" "target: 127.0.0.1" "metrics: 127.0.0.1:9464" "routes:" \
         "  - {name: sock-in, listen: 'unix:/x/relay.sock', mode: '0666', target: '127.0.0.1:18000'}" \
-        "  - {name: sock-out, listen: 5432, target: 'unix:/x/host.sock'}" > "$dir/relay.yaml"
+        "  - {name: sock-out, listen: 5432, target: 'unix:/x/host.sock'}" \
+        "  - {name: tls-in, listen: 8443, target: '127.0.0.1:18000', tls: {cert: /x/cert.pem, key: /x/key.pem}}" \
+        "  - {name: tls-out, listen: 8444, target: '127.0.0.1:8443', target_tls: {cafile: /x/cert.pem, server_name: localhost}}" \
+        > "$dir/relay.yaml"
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
         -addext subjectAltName=DNS:localhost -keyout "$dir/key.pem" -out "$dir/cert.pem" > /dev/null 2>&1
     chmod 0644 "$dir"/*.pem
@@ -387,6 +390,14 @@ $(relay_logs "$cid")"
         pass "image: $output (the image's _ssl, libssl and CA bundle)"
     else
         fail "image: a TLS handshake with the image's python" "$output"
+    fi
+    # The relay's own TLS, both sides: plain to 8444, TLS from the relay to its own 8443 (verified against
+    # the test's certificate), terminated there, plain to the echo service.
+    if output=$(timeout 30 docker exec "$cid" python3 -c "$PROBE" 8444 2>&1); then
+        pass "image: the relay's TLS: target_tls to its own TLS listener and back to plain (echo through both)"
+    else
+        fail "image: the relay's TLS routes (8444 -> TLS 8443 -> 18000)" "$output
+$(relay_logs "$cid")"
     fi
     if output=$(timeout 30 docker exec "$cid" python3 -c 'import urllib.request
 print(urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10).read().decode())' 2>&1) &&
