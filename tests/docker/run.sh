@@ -356,7 +356,7 @@ exercise_image() {
         "  - {name: sock-in, listen: 'unix:/x/relay.sock', mode: '0666', target: '127.0.0.1:18000'}" \
         "  - {name: sock-out, listen: 5432, target: 'unix:/x/host.sock'}" \
         "  - {name: tls-in, listen: 8443, target: '127.0.0.1:18000', tls: {cert: /x/cert.pem, key: /x/key.pem}}" \
-        "  - {name: tls-out, listen: 8444, target: '127.0.0.1:8443', target_tls: {cafile: /x/cert.pem, server_name: localhost}}" \
+        "  - {name: tls-out, listen: 8444, target: '127.0.0.1:18443', target_tls: {cafile: /x/cert.pem, server_name: localhost}}" \
         > "$dir/relay.yaml"
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
         -addext subjectAltName=DNS:localhost -keyout "$dir/key.pem" -out "$dir/cert.pem" > /dev/null 2>&1
@@ -386,17 +386,11 @@ runpy.run_path("/t/host_services.py", run_name="__main__")'
         fail "image: TCP, UDP and Unix sockets through the image" "$output
 $(relay_logs "$cid")"
     fi
-    if output=$(timeout 60 docker exec "$cid" python3 /t/tls_handshake.py /x/cert.pem /x/key.pem 2>&1); then
-        pass "image: $output (the image's _ssl, libssl and CA bundle)"
+    # TLS: a handshake through the image's python, then the relay's own TLS both ways (tls_handshake.py).
+    if output=$(timeout 60 docker exec "$cid" python3 /t/tls_handshake.py /x/cert.pem /x/key.pem 8443 8444 2>&1); then
+        pass "image: $output"
     else
-        fail "image: a TLS handshake with the image's python" "$output"
-    fi
-    # The relay's own TLS, both sides: plain to 8444, TLS from the relay to its own 8443 (verified against
-    # the test's certificate), terminated there, plain to the echo service.
-    if output=$(timeout 30 docker exec "$cid" python3 -c "$PROBE" 8444 2>&1); then
-        pass "image: the relay's TLS: target_tls to its own TLS listener and back to plain (echo through both)"
-    else
-        fail "image: the relay's TLS routes (8444 -> TLS 8443 -> 18000)" "$output
+        fail "image: TLS in the image (python's ssl, the relay's tls and target_tls routes)" "$output
 $(relay_logs "$cid")"
     fi
     if output=$(timeout 30 docker exec "$cid" python3 -c 'import urllib.request
@@ -557,11 +551,14 @@ example() { # example NAME PROJECT gateway|docker0 "PORT..." CHECK...: one compo
     else
         fail "$name: relay healthcheck inside the relay container" "$output"
     fi
-    # README's command for `relay check` (`docker compose exec relay relay check`; -T: no terminal here).
-    if output=$(compose "$project" exec -T relay relay check 2>&1); then
-        pass "$name: '${COMPOSE[*]} exec relay relay check' (README's command) exits 0"
-    else
-        fail "$name: '${COMPOSE[*]} exec relay relay check'" "$output"
+    # README's command for `relay check` (`docker compose exec relay relay check`; -T: no terminal here),
+    # where the relay is configured by RELAY_* (socat-dropin's arguments would have to be given again).
+    if [ "$name" != socat-dropin ]; then
+        if output=$(compose "$project" exec -T relay relay check 2>&1); then
+            pass "$name: '${COMPOSE[*]} exec relay relay check' (README's command) exits 0"
+        else
+            fail "$name: '${COMPOSE[*]} exec relay relay check'" "$output"
+        fi
     fi
     if output=$(run_client "$app" "$@" 2>&1); then
         pass "$name: echo and half-close through localhost, $# port/family checks ($1 ...), reach $address"
@@ -714,7 +711,9 @@ recreate_fixes() {
             echo "compose-fix: ${COMPOSE[*]} $COMPOSE_VERSION, app recreated: '$step' did not bring localhost back"
         fi
     done
+    # (Compose 1.29 recreates the app too here: `up SERVICE` brings its dependencies up, forced as well.)
     compose "$project" up -d --force-recreate relay >> "$RUN/$project.recreate.log" 2>&1
+    app=$(container "$project" app)
     if wait_for_localhost "$app" 3000 "$(now_ms)" 8000; then
         pass "app recreated: the relay's fix '${COMPOSE[*]} up -d --force-recreate relay' brings localhost back in $BACK_MS ms (Compose $COMPOSE_VERSION)"
     else
