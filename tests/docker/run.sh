@@ -418,14 +418,21 @@ $(relay_logs "$cid")"
     else
         fail "image: relay check: exit 1, tls-out refused, the 6 others answering (exit $code)" "$output"
     fi
-    # The HEALTHCHECK's own cost: `relay healthcheck`'s peak resident memory, in the image.
-    if output=$(timeout 30 docker exec -e RELAY_METRICS=127.0.0.1:9464 "$cid" python3 -c 'import resource, sys
-from relay.cli import main
+    # The image's HEALTHCHECK command as the engine runs it (it reads the config file the relay was given).
+    local -a probe
+    mapfile -t probe < <(docker image inspect -f '{{range $i, $w := .Config.Healthcheck.Test}}{{if $i}}{{println $w}}{{end}}{{end}}' "$RELAY_IMAGE")
+    if output=$(timeout 30 docker exec -e RELAY_CONFIG=/x/relay.yaml "$cid" "${probe[@]}" 2>&1); then
+        pass "image: its HEALTHCHECK command (${probe[*]}) exits 0 inside the image"
+    else
+        fail "image: the HEALTHCHECK command (${probe[*]}) inside the image" "$output"
+    fi
+    # Its own cost: peak resident memory of the probe's module run the same way.
+    if output=$(timeout 30 docker exec -e RELAY_METRICS=127.0.0.1:9464 "$cid" python3 -I -c 'import resource, runpy
 try:
-    code = main(["healthcheck"])
+    runpy.run_module("relay.probe", run_name="__main__")
 except SystemExit as e:
-    code = e.code
-print("healthcheck exit", code, "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MiB")' 2>&1); then
+    print("health check exit", e.code, end=", ")
+print("peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MiB")' 2>&1); then
         echo "$output; start-up to ready: $startup ms"
     fi
     docker rm -f "$cid" > /dev/null
