@@ -420,7 +420,7 @@ $(relay_logs "$cid")"
     fi
     # The image's HEALTHCHECK command as the engine runs it (it reads the config file the relay was given).
     local -a probe
-    mapfile -t probe < <(docker image inspect -f '{{range $i, $w := .Config.Healthcheck.Test}}{{if $i}}{{println $w}}{{end}}{{end}}' "$RELAY_IMAGE")
+    mapfile -t probe < <(docker image inspect -f '{{range $i, $w := .Config.Healthcheck.Test}}{{if $i}}{{println $w}}{{end}}{{end}}' "$RELAY_IMAGE" | sed '/^$/d')
     if output=$(timeout 30 docker exec -e RELAY_CONFIG=/x/relay.yaml "$cid" "${probe[@]}" 2>&1); then
         pass "image: its HEALTHCHECK command (${probe[*]}) exits 0 inside the image"
     else
