@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from typing import cast
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, generate_latest
@@ -26,8 +25,6 @@ from relay.address import HostPort
 from relay.logs import RateLimited
 from relay.metrics import CONTENT_TYPE, Metrics, counter
 from relay.view import State, readiness
-
-log = logging.getLogger("relay")
 
 MAX_REQUEST = 8192
 HEADER_TIMEOUT = 1.0  # a prober or scraper sends its request head with the connection's first packet

@@ -16,8 +16,23 @@ from typing import Any
 
 import pytest
 
+from relay import health as health_module
 from relay.address import HostPort
-from tests.support import RelayProcess, echo, free_port_block, http_get, relay, scrape, tcp_server, value
+from relay.cli import http_endpoint
+from relay.config import Config, Route
+from relay.health import HealthServer
+from relay.server import Server
+from tests.support import (
+    RelayProcess,
+    echo,
+    free_port_block,
+    http_get,
+    relay,
+    scrape,
+    tcp_server,
+    value,
+    wait_until,
+)
 from tests.test_cli import echo_server, run_relay
 
 Run = Callable[..., Any]
@@ -195,3 +210,41 @@ def test_probe_imports_neither_the_relay_nor_its_dependencies() -> None:
     assert "relay.address" in imported
     heavy = {"asyncio", "ssl", "uvloop", "yaml", "prometheus_client", "relay.config", "relay.server"}
     assert not heavy & imported, heavy & imported
+
+
+def test_a_scraper_that_stops_reading_is_closed_and_counted(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps: 1,000 routes make /metrics a few MB; a client asks for it with a small receive buffer and
+    never reads. Once the relay's send buffer is full and nothing moves for SEND_TIMEOUT (0.5 s here),
+    the client is closed and counted as `slow`; /readyz still answers 200 meanwhile and after."""
+    monkeypatch.setattr(health_module, "SEND_TIMEOUT", 0.5)
+
+    async def scenario() -> None:
+        async with tcp_server(echo) as target:
+            routes = tuple(
+                Route(f"r{i}", (HostPort("127.0.0.1", 0),), "127.0.0.1", target) for i in range(1000)
+            )
+            server = Server(
+                Config(
+                    routes=routes, metrics=HostPort("127.0.0.1", 0), max_connections=64, drain_timeout=1.0
+                ),
+                endpoint=http_endpoint,
+            )
+            await server.start()
+            try:
+                health, address = server.health, server.health_address
+                assert isinstance(health, HealthServer) and address is not None
+                with socket.socket() as stuck:
+                    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    stuck.setblocking(False)
+                    await asyncio.get_running_loop().sock_connect(stuck, (address.host, address.port))
+                    await asyncio.get_running_loop().sock_sendall(stuck, b"GET /metrics HTTP/1.1\r\n\r\n")
+                    assert (await http_get(address, "/readyz"))[0] == 200
+                    await wait_until(lambda: health.closed["slow"] == 1)
+                assert (await http_get(address, "/readyz"))[0] == 200
+                assert health.closed["timeout"] == health.closed["evicted"] == 0
+            finally:
+                await server.drain()
+
+    run(scenario(), timeout=60)
