@@ -38,6 +38,9 @@
 #     and ::1), the relay running as uid 10001 with a read-only root. The reverse too: the relay listens
 #     on a socket file in a tmpfs volume it shares with the app (app_client.py s:PATH:PORT), and removes
 #     it on docker stop.
+#  8b. docker-host's layout (issue 18): the relay as a container of its own on a user network, configured
+#     the docker-host way (PORTS only, no capabilities), named docker-host; another container on that
+#     network reaches docker-host:2323 by name, TCP and UDP, through to the host service on docker0.
 #  9. On exit, whatever happened: compose down, stop the services and dockerd by pid, unmount and remove
 #     the run folder, delete the bridges and cgroups the engine made, restore ip_forward and the bridge
 #     sysctls, and check that the firewall rules are as they were. A run also clears what an aborted
@@ -799,6 +802,54 @@ holder_layout() { # holder_layout PROJECT: app and relay in a holder's namespace
     stop_pid "${BG_PIDS[-1]}" 5
 }
 
+# Run in a client container: `docker-host:PORT` by name, a TCP echo and a UDP datagram answered by the
+# host service behind the relay (host_services.py: `E` echoes; a datagram comes back as `PORT data`).
+BY_NAME='import socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+tcp = socket.create_connection((name, port), timeout=10)
+tcp.sendall(b"E" + b"x" * 4096)
+got = b""
+while len(got) < 4096:
+    data = tcp.recv(65536)
+    assert data, "closed after %d bytes" % len(got)
+    got += data
+assert got == b"x" * 4096, got[:40]
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(10)
+udp.sendto(b"ping", (name, port))
+reply = udp.recv(65536)
+assert reply == b"%d ping" % port, reply
+print("ok tcp and udp via", name, port)'
+
+docker_host_layout() { # docker_host_layout NAME: the relay configured the docker-host way, reached by name
+    local net=$1 relay=$1-docker-host output
+    log "docker-host layout"
+    if ! start_host_services "$DOCKER0_IP" 2323; then
+        fail "docker-host: host services on $DOCKER0_IP"
+        return 0
+    fi
+    docker network create "$net" > /dev/null
+    # As qoomon/docker-host's README runs it, without NET_ADMIN/NET_RAW: PORTS only, a name on the network.
+    docker run -d --name "$relay" --network "$net" --network-alias docker-host --read-only --cap-drop ALL \
+        --add-host host.docker.internal:host-gateway -e PORTS=2323 "$RELAY_IMAGE" > /dev/null
+    if wait_for_relay "$relay" && wait_for_log "$relay" "configured the docker-host way" 1 &&
+        wait_for_log "$relay" "every container on this container's networks can reach" 1; then
+        pass "docker-host: PORTS alone: the relay says it is configured the docker-host way, and what that exposes"
+    else
+        fail "docker-host: relay ready with the docker-host layout lines" "$(relay_logs "$relay")"
+    fi
+    if output=$(timeout 60 docker run --rm --network "$net" "$BASE_IMAGE" python3 -c "$BY_NAME" docker-host 2323 2>&1); then
+        pass "docker-host: another container reaches docker-host:2323 by name, TCP and UDP, to the host's port"
+    else
+        fail "docker-host: docker-host:2323 by name from another container, TCP and UDP" "$output
+relay log:
+$(relay_logs "$relay")"
+    fi
+    docker rm -f "$relay" > /dev/null 2>&1 || true
+    docker network rm "$net" > /dev/null 2>&1 || true
+    stop_pid "${BG_PIDS[-1]}" 5
+}
+
 # ---------------------------------------------------------------------------------------------------
 # arm64 (issue 19): the image built for linux/arm64 on an arm64 base and run under qemu-user emulation
 
@@ -978,6 +1029,7 @@ main() {
     app_restarts "relaytest$$c"
     holder_layout "relaytest$$d"
     host_socket "relaytest$$e"
+    docker_host_layout "relaytest$$f"
     arm64
     local line
     for line in "${REJOIN[@]}"; do echo "rejoin: $line"; done
