@@ -70,6 +70,7 @@ docker() { podman "$@"; }
 install_missing() {
     local -a want=()
     command -v podman > /dev/null || want+=(podman)
+    command -v runc > /dev/null || want+=(runc)
     [ -x /usr/libexec/podman/catatonit ] || command -v catatonit > /dev/null || want+=(catatonit)
     command -v debootstrap > /dev/null || want+=(debootstrap)
     command -v nsenter > /dev/null || want+=(util-linux)
@@ -89,6 +90,9 @@ configure() {
 default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
 
 [engine]
+# runc, not Debian's default crun: crun 1.8 refuses a host with cgroup v1 controllers and a cgroup2
+# mount beside them ("cgroups in hybrid mode not supported"), as this CI machine has; runc runs there.
+runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 events_logfile_path = "$RUN/events.log"
