@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "docs", help="where benchmarks.md/.png go")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the relay")
     p.add_argument(
+        "--before",
+        metavar="PYTHON",
+        help="also measure the relay run by this interpreter (a wrapper that starts it in an earlier "
+        "checkout) as subject relay-before, in the same run",
+    )
+    p.add_argument(
         "--render",
         type=Path,
         metavar="RAW.jsonl",
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         s = SUBJECTS[n]
         subs.append(dataclasses.replace(s, python=args.python))
+    if args.before:
+        subs.append(dataclasses.replace(subjects.RELAY, name="relay-before", python=args.before))
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]  # none: UDP only
     started = time.time()
     load_before = os.getloadavg()[0]  # other work on the machine moves every figure: say how much

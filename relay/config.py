@@ -113,6 +113,8 @@ class Config:
     drain_timeout: float = 5.0
     udp_idle_timeout: float = 60.0
     max_udp_sessions: int = 4096
+    memory_budget: int | None = None  # bytes held for slow receivers; None: from the container's limit
+    socket_buffer: int | None = None  # SO_SNDBUF/SO_RCVBUF of relayed sockets; None: the kernel's autotuning
     loop: LoopName = "auto"
     app_watch: AppWatchMode = "auto"
     tls: ListenTLS | None = None  # for the TCP routes of `ports` (routes: carry their own)
@@ -170,6 +172,36 @@ def _udp_idle_timeout(value: object) -> float:
 
 
 OFF = {"off", "none", ""}
+
+SIZE_FORM = "expected a size like 32MiB, 512KiB, 64M or plain bytes"
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20}
+SIZE_UNITS |= {"g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str, lo: int, hi: int) -> int:
+    """'32MiB', '512k', '1048576' -> bytes (binary units: memory limits are written so)."""
+    digits = text.strip()
+    number = digits.rstrip("bBkKmMgGiI ")
+    unit = digits[len(number) :].strip().lower()
+    value = whole_number(number, hi)
+    if unit not in SIZE_UNITS or value is None:
+        raise AddressError(f"{excerpt(text)} is not a size; {SIZE_FORM}")
+    size = value * SIZE_UNITS[unit]
+    if not lo <= size <= hi:
+        raise AddressError(f"{excerpt(text)} is not between {lo} bytes and {hi >> 30} GiB; {SIZE_FORM}")
+    return size
+
+
+def _size_in(lo: int, hi: int) -> Callable[[object], int | None]:
+    """A size in [lo, hi], or `auto` (None: the relay picks; config.py's users say how)."""
+
+    def convert(value: object) -> int | None:
+        text = _text(value)
+        if text.strip().lower() == "auto":
+            return None
+        return parse_size(text, lo, hi)
+
+    return convert
 
 
 def _optional_duration(value: object) -> float | None:
@@ -362,6 +394,20 @@ OPTIONS: tuple[Option, ...] = (
         "DURATION",
     ),
     Option("max_udp_sessions", _int_in(1, 1_000_000), "UDP client addresses at once (default 4096)", "N"),
+    Option(
+        "memory_budget",
+        _size_in(1 << 20, 1 << 40),
+        "bytes held, all connections together, for receivers slower than their senders; past it those "
+        "senders wait (default auto: a quarter of the container's memory limit, at most 64MiB)",
+        "SIZE",
+    ),
+    Option(
+        "socket_buffer",
+        _size_in(4096, 1 << 30),
+        "kernel send and receive buffer of each relayed socket; caps the kernel memory a stalled "
+        "connection takes (default auto: the kernel's autotuning)",
+        "SIZE",
+    ),
     Option(
         "loop", _choice("auto", "asyncio", "uvloop"), "event loop (default auto: uvloop if installed)", "LOOP"
     ),

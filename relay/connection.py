@@ -25,6 +25,7 @@ from typing import cast
 
 from relay import hints, tls
 from relay.address import AddressError, HostPort, UnixAddress, format_hostport, format_target
+from relay.budget import Budget
 from relay.config import Config, Route
 from relay.listener import ListenError
 from relay.logs import RateLimited
@@ -58,6 +59,7 @@ class Shared:
     # (ip, port) that reach one of the relay's own listeners: what it listens on (own_addresses), and
     # addresses found at run time to lead back into it. A target among them is refused, not forwarded.
     own: set[tuple[str, int]] = field(default_factory=set)
+    budget: Budget = field(default_factory=Budget)  # bytes held for slow receivers, process-wide
 
     def out_of_descriptors(self, route: str, err: OSError) -> None:
         """A socket could not be made for lack of a descriptor (accept, target connect, UDP session): the
@@ -168,8 +170,9 @@ class Connection:
 
     def __init__(self, ctx: RouteContext) -> None:
         self.ctx = ctx
-        self.client = Side(self)
-        self.target = Side(self)
+        budget = ctx.shared.budget
+        self.client = Side(self, budget)
+        self.target = Side(self, budget)
         self.reason: str | None = None
         self.task: asyncio.Task[None] | None = None
         self.started = 0.0
@@ -283,7 +286,7 @@ class Connection:
         in a profile under wrk, a tenth of the relay's whole per-connection time."""
         self._timed_out = False
         if self.target.transport is not None:  # a retry: the last attempt's side is written off
-            self.target = Side(self)
+            self.target = Side(self, self.ctx.shared.budget)
         timer = loop.call_later(timeout, self._expire)
         resolution = None
         try:
@@ -384,17 +387,17 @@ class Connection:
             and self._wrong_name(target_tls, target.transport)
         ):
             return
-        keepalive = shared.config.keepalive
-        if keepalive or shared.set_nodelay:
-            set_socket_options(client.transport, keepalive=keepalive)
-            set_socket_options(target.transport, keepalive=keepalive)
+        keepalive, buffer = shared.config.keepalive, shared.config.socket_buffer
+        if keepalive or shared.set_nodelay or buffer is not None:
+            set_socket_options(client.transport, keepalive=keepalive, buffer=buffer)
+            set_socket_options(target.transport, keepalive=keepalive, buffer=buffer)
         if client.early:  # rule 1: what the client said first goes first
             target.transport.writelines(client.early)
             client.early = []
         if client.eof:
             _send_eof(target.transport)
-        client.out = target.transport
-        target.out = client.transport
+        client.out, client.peer = target.transport, target
+        target.out, target.peer = client.transport, client
         client.transport.resume_reading()
         config = self.ctx.shared.config
         if config.idle_timeout:

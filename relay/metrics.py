@@ -165,6 +165,7 @@ class Metrics:
         yield from self._listeners()
         yield self._targets()
         yield self._lookups()
+        yield self._memory()
         yield self._singles()
 
     def _per_series(
@@ -370,6 +371,40 @@ class Metrics:
                 for (name, result), count in counts.items()
             )
         return "".join(lines)
+
+    def _memory(self) -> str:
+        """The process-wide budget of bytes held for slow receivers (budget.py)."""
+        budget = self.state.budget
+        return "".join(
+            (
+                header(
+                    "relay_buffered_bytes",
+                    "gauge",
+                    "Bytes the relay holds for receivers slower than their senders, all connections (as of "
+                    "the budget's last count, at most 50 ms old)",
+                ),
+                f"relay_buffered_bytes {budget.held}.0\n",
+                header(
+                    "relay_memory_budget_bytes",
+                    "gauge",
+                    "At most this many bytes are buffered (memory_budget)",
+                ),
+                f"relay_memory_budget_bytes {budget.limit}.0\n",
+                header(
+                    "relay_memory_budget_reached_total",
+                    "counter",
+                    "Times the buffered bytes reached memory_budget (senders to slow receivers then wait)",
+                ),
+                f"relay_memory_budget_reached_total {budget.reached}.0\n",
+                header(
+                    "relay_budget_paused_sides",
+                    "gauge",
+                    "Sockets not read now because the budget is full and their receiver has not taken "
+                    "what it holds",
+                ),
+                f"relay_budget_paused_sides {budget.stopped}.0\n",
+            )
+        )
 
     def _singles(self) -> str:
         """The app watch, stranded, what /readyz answers, the connection limit, the build."""

@@ -3,20 +3,25 @@
 Rules this module keeps:
 1. Order and completeness: every byte read from one side is handed to the other side's transport, in
    order, before the next read on that side. Nothing is dropped while the other side is open.
-2. Bounded memory: when a transport's write buffer passes its high-water mark the loop calls
+2. Bounded memory per pair: when a transport's write buffer passes its high-water mark the loop calls
    `pause_writing` on its protocol, which stops reading the *other* side until `resume_writing`.
-   So each direction holds at most HIGH_WATER + one read (256 + 256 KiB), whatever the sender does.
+   So each direction holds at most HIGH_WATER + one read, whatever the sender does.
 3. Half-close passes through: EOF read on one side becomes `write_eof()` (FIN) on the other, and the
    opposite direction keeps flowing. The pair (connection.py) decides when both directions are done.
-4. Memory follows what is in flight: the loop reads into its own buffer (256 KiB) and hands over a
-   bytes object of exactly the size read, which is written on at once; only what the other side cannot
-   take yet stays allocated. An idle connection holds no buffer.
+4. Memory follows what is in flight: every side reads into the budget's one shared buffer and hands
+   over a bytes object of exactly the size read (a copy, so a transport that keeps what it could not
+   send never sees the shared buffer change); only what the other side cannot take yet stays
+   allocated. An idle connection holds no buffer.
+5. Bounded memory per process: bytes left in a write buffer are charged to the budget (budget.py),
+   which stops sides and shrinks reads when receivers that do not read add up. A side stops reading
+   while any reason holds (FULL: the other side's buffer is full; BUDGET); stop and go are safe to
+   call twice.
 
-A plain Protocol, not a BufferedProtocol into a shared buffer: measured level on throughput at the same
-read size and ahead on connections per second (docs/benchmarks.md, pump experiments), and uvloop may keep
-a view of a written buffer, which a shared read buffer would then overwrite.
+A BufferedProtocol rather than a plain Protocol for rule 5: it alone lets the relay choose the read
+size on both loops. At the same read size the two measured level (docs/benchmarks.md, pump experiments).
 
-The hot path (`data_received`) does a counter add and one write: no logging, no metrics calls.
+The hot path (`buffered_updated`) copies, adds to a counter, writes, and asks the buffer's size: no
+logging, no metrics calls.
 """
 
 from __future__ import annotations
@@ -26,8 +31,14 @@ import socket
 import struct
 from typing import Protocol, cast
 
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+from relay.budget import Budget
+
+# 64/16 KiB: level with 256/64 KiB on throughput (docs/benchmarks.md), a quarter of the memory held
+# for each receiver that stalls.
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+FULL = 1  # why a side is not read (rule 5): the other side's write buffer is above HIGH_WATER
+BUDGET = 2  # the process is over its budget and this side's bytes wait (budget.py rule 2)
 LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -39,16 +50,32 @@ class Owner(Protocol):
     def side_lost(self, side: Side, exc: Exception | None) -> None: ...
 
 
-class Side(asyncio.Protocol):
+class Side(asyncio.BufferedProtocol):
     """One socket of a pair: what it reads is written to `out`, the other socket's transport."""
 
-    __slots__ = ("early", "eof", "lost", "nbytes", "out", "owner", "transport")
+    __slots__ = (
+        "budget",
+        "early",
+        "eof",
+        "held",
+        "lost",
+        "nbytes",
+        "out",
+        "owner",
+        "peer",
+        "stops",
+        "transport",
+    )
 
-    def __init__(self, owner: Owner) -> None:
+    def __init__(self, owner: Owner, budget: Budget) -> None:
         self.owner = owner
+        self.budget = budget
         self.transport: asyncio.Transport | None = None
         self.out: asyncio.Transport | None = None
+        self.peer: Side | None = None  # the side that writes into this side's transport
         self.nbytes = 0
+        self.held = 0  # bytes charged to the budget for `out`'s write buffer
+        self.stops = 0  # FULL | BUDGET: why this side is not read (rule 5)
         self.eof = False
         self.lost = False
         self.early: list[bytes] = []  # read before `out` existed; the pair writes it first
@@ -60,15 +87,21 @@ class Side(asyncio.Protocol):
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         self.owner.side_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.budget.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self.budget.whole[:nbytes].tobytes()  # rule 4: a copy of the shared buffer
         out = self.out
         if out is None:
             self._hold(data)
             return
         if out.is_closing():
             return  # the other side is gone; the pair is being closed
-        self.nbytes += len(data)
+        self.nbytes += nbytes
         out.write(data)
+        if out.get_write_buffer_size():
+            self.budget.charge(self)
 
     def _hold(self, data: bytes) -> None:
         """Bytes that came before the other side exists: keep them and stop reading (bounded by one read).
@@ -89,14 +122,36 @@ class Side(asyncio.Protocol):
         return self.transport is None or self.transport.can_write_eof()
 
     def pause_writing(self) -> None:
-        peer = self.out
-        if peer is not None:
-            peer.pause_reading()
+        if self.peer is not None:
+            self.peer.stop(FULL)
 
     def resume_writing(self) -> None:
-        peer = self.out
-        if peer is not None and not peer.is_closing():
-            peer.resume_reading()
+        if self.peer is not None:
+            self.peer.go(FULL)
+
+    def stop(self, why: int) -> bool:
+        """Stop reading for `why`; True when that reason was not already set."""
+        if self.stops & why:
+            return False
+        if not self.stops and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.stops |= why
+        return True
+
+    def go(self, why: int) -> bool:
+        """Drop reason `why`; read again once no reason is left. True when the reason was set."""
+        if not self.stops & why:
+            return False
+        self.stops &= ~why
+        if not self.stops and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        return True
+
+    def stop_for_budget(self) -> bool:
+        return self.stop(BUDGET)
+
+    def go_after_budget(self) -> bool:
+        return self.go(BUDGET)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost:
@@ -105,19 +160,28 @@ class Side(asyncio.Protocol):
         self.owner.side_lost(self, exc)
 
 
-def set_socket_options(transport: asyncio.BaseTransport, *, keepalive: bool) -> None:
-    """TCP_NODELAY always (request/response latency), SO_KEEPALIVE when asked.
+def set_socket_options(
+    transport: asyncio.BaseTransport, *, keepalive: bool, buffer: int | None = None
+) -> None:
+    """TCP_NODELAY always (request/response latency), SO_KEEPALIVE and buffer sizes when asked.
 
     uvloop sets TCP_NODELAY itself, but asyncio only on sockets whose proto is IPPROTO_TCP, which
     accepted sockets are not (proto 0), so it is set here; tests/test_relay.py checks both sockets.
+    `buffer` (socket_buffer) sets SO_SNDBUF and SO_RCVBUF, which turns the kernel's autotuning off for
+    the socket: it bounds the kernel memory of a stalled connection (charged to the container on
+    cgroup v2), at a cost in throughput over long paths.
     """
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if keepalive:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
     except OSError:
         pass  # the socket was reset between accept and here; the read path reports it
 

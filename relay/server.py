@@ -32,9 +32,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
-from relay import __version__, logs, privileges
+from relay import __version__, logs, memory, privileges
 from relay.address import HostPort, format_hostport, format_target, is_loopback
 from relay.audit import Audit
+from relay.budget import Budget
 from relay.config import AUTO, Config, ConfigError, Route
 from relay.connection import Connection, RouteContext, Shared, denied, own_addresses
 from relay.listener import Listener, ListenError, Reserve, bind_error, open_route
@@ -118,6 +119,10 @@ class Server:
         return self.shared.problems
 
     @property
+    def budget(self) -> Budget:
+        return self.shared.budget
+
+    @property
     def listeners(self) -> list[Listener | UdpListener]:
         return [lst for active in self.routes.values() for lst in active.listeners]
 
@@ -128,6 +133,7 @@ class Server:
         self._check_fd_limit(self.config)
         for warning in self.config.warnings:
             log.warning(warning)
+        self._set_budget(self.config, at_start=True)
         self._start_resolvers(self.config)
         try:
             for route in self.config.routes:
@@ -145,6 +151,24 @@ class Server:
         gc.freeze()
         log.info(
             "ready: relay %s, %d route(s), %d listener(s)", __version__, len(self.routes), len(self.listeners)
+        )
+
+    def _set_budget(self, config: Config, *, at_start: bool = False) -> None:
+        """memory_budget, or a share of the container's limit (memory.py); said once at start."""
+        cgroup = memory.find_cgroup()
+        budget = self.shared.budget
+        budget.limit = config.memory_budget or memory.default_budget(cgroup.limit if cgroup else None)
+        budget.on_full = self._budget_full
+        if at_start:
+            budget.trim = memory.Trimmer()
+            memory.report_at_start(cgroup, budget.limit)
+
+    def _budget_full(self, budget: Budget) -> None:
+        self.shared.warnings.warning(
+            "budget",
+            f"memory budget reached: {memory.mib(budget.held)} waits for receivers that do not read as fast "
+            f"as their senders send; reading from those senders is paused until their receivers catch up "
+            f"(memory_budget {memory.mib(budget.limit)}; relay_buffered_bytes)",
         )
 
     async def _start_health(self, address: HostPort) -> None:
@@ -429,6 +453,7 @@ class Server:
             await self.health.close()
         await self._close_resolvers()
         self.audit.stop()
+        self.shared.budget.close()
         self._reserve.close()
         log.info("stopped")
 
@@ -535,6 +560,8 @@ class Server:
             for name in SETTINGS
             if getattr(old, name) != getattr(new, name)
         ]
+        if old.memory_budget != new.memory_budget:
+            self._set_budget(new)
         if old.metrics != new.metrics:
             await self._rebind_health(old.metrics)
         if (old.log_level, old.log_format) != (new.log_level, new.log_format):

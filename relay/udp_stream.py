@@ -36,7 +36,7 @@ class StreamSession(Session):
 
     def __init__(self, udp: UdpRoute, listener: UdpListener, client: Address) -> None:
         super().__init__(udp, listener, client)
-        self.side = Side(self)
+        self.side = Side(self, udp.hub.shared.budget)
         self.side.out = self  # type: ignore[assignment]  # rule 2: this session is the client's transport
         self.task: asyncio.Task[None] | None = None
 
@@ -78,6 +78,9 @@ class StreamSession(Session):
 
     def is_closing(self) -> bool:
         return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # datagrams are sent or dropped, never kept (rule 1)
 
     def pause_reading(self) -> None:
         """A UDP client cannot be paused: to_target drops past HIGH_WATER instead."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from relay.address import HostPort, UnixAddress, format_hostport
+from relay.budget import Budget
 from relay.config import Config, Route
 from relay.connection import Connection
 from relay.netwatch import AppWatch
@@ -56,6 +57,8 @@ class State(Protocol):
     def draining(self) -> bool: ...
     @property
     def app_watch(self) -> AppWatch | None: ...
+    @property
+    def budget(self) -> Budget: ...
 
 
 def is_ready(state: State) -> bool:

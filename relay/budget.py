@@ -1,0 +1,120 @@
+"""One bound, for the whole process, on the bytes held for receivers that do not keep up.
+
+Each pair already stops reading a side once the other side's write buffer passes pump.HIGH_WATER,
+but that bound is per connection: a thousand clients that stop reading while their targets keep
+sending would each hold a full buffer, and a 128 MiB container is OOM-killed (issue 17). Rules:
+
+1. Only bytes waiting in a transport's write buffer count (`held`): they wait because the receiver is
+   slower than the sender. A pair whose writes complete at once is never charged.
+2. Over the budget, a side whose bytes wait is stopped (pump.BUDGET) until its receiver has taken all
+   of them; only then does it read again. Resuming it earlier would buffer one more read for a
+   receiver that is still stuck, which is exactly the growth being bounded. Healthy pairs keep going.
+3. Reads shrink as the budget fills (READ_SIZES: 256 KiB below a quarter of it, 16 KiB below the
+   budget, 4 KiB above), so each receiver that stalls adds at most one small read before it stops.
+   Every side reads into one shared buffer and copies out exactly what it read (pump.py rule 4).
+4. A tick refreshes the charges every TICK seconds while any side is charged, and stops when none is.
+   After a burst, freed heap pages go back to the kernel (memory.Trimmer).
+5. Nothing here runs per chunk except one `get_write_buffer_size()` in the pump; the budget's work
+   happens when a write leaves bytes behind, and in the tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from relay.memory import DEFAULT_BUDGET
+
+if TYPE_CHECKING:
+    from relay.pump import Side
+
+READ_SIZES = (256 * 1024, 16 * 1024, 4 * 1024)
+TICK = 0.05
+TRIM_AFTER = 4 * 1024 * 1024  # a burst that held this much is worth giving back
+
+
+class Budget:
+    __slots__ = (
+        "_timer",
+        "_views",
+        "charged",
+        "held",
+        "limit",
+        "on_full",
+        "peak",
+        "reached",
+        "stopped",
+        "trim",
+        "view",
+        "whole",
+    )
+
+    def __init__(self, limit: int = DEFAULT_BUDGET, trim: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.held = 0  # bytes in the write buffers of `charged` sides' outputs, as of the last count
+        self.peak = 0  # the most held since the last trim
+        self.reached = 0  # times the budget was reached (relay_memory_budget_reached_total)
+        self.stopped = 0  # sides stopped by the budget now
+        self.charged: set[Side] = set()
+        self.whole = memoryview(bytearray(READ_SIZES[0]))
+        self._views = tuple(self.whole[:size] for size in READ_SIZES)
+        self.view = self._views[0]  # what the next read goes into (rule 3)
+        self.trim = trim
+        self.on_full: Callable[[Budget], None] | None = None  # told once each time the budget is reached
+        self._timer: asyncio.TimerHandle | None = None
+
+    def charge(self, side: Side) -> None:
+        """`side` wrote and bytes stayed behind in its output's buffer (rule 1)."""
+        out = side.out
+        size = out.get_write_buffer_size() if out is not None else 0
+        was_over = self.held > self.limit
+        self.held += size - side.held
+        side.held = size
+        if side not in self.charged:
+            self.charged.add(side)
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
+        if self.held > self.limit:
+            if side.stop_for_budget():
+                self.stopped += 1
+            if not was_over:
+                self.reached += 1
+                if self.on_full is not None:
+                    self.on_full(self)
+        self._level()
+
+    def _level(self) -> None:
+        held, limit = self.held, self.limit
+        self.peak = max(self.peak, held)
+        self.view = self._views[0 if held < limit >> 2 else 1 if held <= limit else 2]
+
+    def _tick(self) -> None:
+        self._timer = None
+        total = 0
+        drained = []
+        for side in self.charged:
+            out = side.out
+            size = 0 if out is None or side.lost else out.get_write_buffer_size()
+            if size:
+                side.held = size
+                total += size
+            else:
+                drained.append(side)
+        for side in drained:  # rule 2: its receiver took everything
+            self.charged.discard(side)
+            side.held = 0
+            if side.go_after_budget():
+                self.stopped -= 1
+        self.held = total
+        self._level()
+        if self.charged:
+            self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
+        elif self.peak >= TRIM_AFTER and self.trim is not None:
+            self.peak = 0
+            self.trim()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
