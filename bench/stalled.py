@@ -73,16 +73,19 @@ def enter(netns: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def namespace(tag: str) -> Iterator[str]:
-    """A network namespace with loopback up and TCP buffers capped; deleted on exit."""
+def namespace(tag: str, tcp_mem: str = TCP_MEM) -> Iterator[str]:
+    """A network namespace with loopback up and TCP buffers capped (`default`: as the kernel has them);
+    deleted on exit."""
     name = f"{tag}{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
         for argv in (
             ["ip", "-n", name, "link", "set", "lo", "up"],
-            [*enter(name), "sysctl", "-qw", f"net.ipv4.tcp_rmem={TCP_MEM}"],
-            [*enter(name), "sysctl", "-qw", f"net.ipv4.tcp_wmem={TCP_MEM}"],
+            [*enter(name), "sysctl", "-qw", f"net.ipv4.tcp_rmem={tcp_mem}"],
+            [*enter(name), "sysctl", "-qw", f"net.ipv4.tcp_wmem={tcp_mem}"],
         ):
+            if tcp_mem == "default" and "sysctl" in argv:
+                continue
             subprocess.run(argv, check=True, timeout=10)
         yield name
     finally:
@@ -131,6 +134,7 @@ class Result:
     alive: bool = True
     echo_ms: float | None = None  # a client of the second route, served while the others stall (relay)
     buffered: int | None = None  # relay_buffered_bytes then (relay)
+    kernel: int = 0  # bytes queued in the subject's own sockets (ss -tm: receive + send queues)
     log: list[str] = field(default_factory=list)
 
     @property
@@ -239,6 +243,25 @@ async def _echo_ms(port: int) -> float | None:
     return (time.perf_counter() - start) * 1000
 
 
+def kernel_bytes(listen: int, target: int) -> int:
+    """Kernel memory of the subject's sockets: those on its listening port and those to the target
+    (`ss -tmn`, skmem r + w: what was received and not read, what was written and not acknowledged)."""
+    out = subprocess.run(["ss", "-tmnH"], capture_output=True, text=True, timeout=30, check=True).stdout
+    total, mine = 0, False
+    for line in out.splitlines():
+        if "skmem:(" not in line:
+            fields = line.split()
+            mine = len(fields) >= 5 and (fields[3].endswith(f":{listen}") or fields[4].endswith(f":{target}"))
+            continue
+        if mine:
+            mem = dict(
+                (item.rstrip("0123456789"), int(item[len(item.rstrip("0123456789")) :]))
+                for item in line.strip().removeprefix("skmem:(").removesuffix(")").split(",")
+            )
+            total += mem.get("r", 0) + mem.get("w", 0)
+    return total
+
+
 def _metric(port: int, name: str) -> int | None:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -294,6 +317,7 @@ async def drive(subject: str, clients: int, cgroup: Path, limit: int | None, wor
         result.connected = len(socks)
         await _settle(result, cgroup, child, seconds=60)
         result.stalled = anon(cgroup)
+        result.kernel = kernel_bytes(listen, target)
         if subject == "relay" and child.poll() is None:
             result.echo_ms = await _echo_ms(echo)
             result.buffered = _metric(metrics, "relay_buffered_bytes")
@@ -359,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="100,1000", help="stalled clients, comma-separated counts")
     p.add_argument("--subjects", default=",".join(SUBJECTS))
     p.add_argument("--limit", type=parse_size, help="memory limit of each subject's cgroup (e.g. 128M)")
+    p.add_argument(
+        "--tcp-mem",
+        default=TCP_MEM,
+        help=f"tcp_rmem/tcp_wmem in the namespace (default {TCP_MEM!r}; or default)",
+    )
     p.add_argument("--relay", help="command that starts the relay (default: python -m relay of this tree)")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--subject", help=argparse.SUPPRESS)
@@ -374,12 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     mib = 1 << 20
-    with tempfile.TemporaryDirectory() as tmp, namespace("rstall") as netns:
+    with tempfile.TemporaryDirectory() as tmp, namespace("rstall", args.tcp_mem) as netns:
         print(
             "| subject | clients | idle MiB | stalled MiB | MiB per client | after MiB | peak MiB | alive | "
-            "OOM kills | echo ms |"
+            "OOM kills | echo ms | kernel MiB per client |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for count in (int(c) for c in args.clients.split(",")):
             for subject in args.subjects.split(","):
                 r = measure(netns, subject, count, args.limit, Path(tmp), args.relay)
@@ -389,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"| {subject} | {r.connected}/{count}{'' if r.settled else ' (not settled)'} | "
                     f"{r.idle / mib:.1f} | {r.stalled / mib:.1f} | {r.per_client / mib:.3f} | "
-                    f"{r.after / mib:.1f} | {r.peak / mib:.1f} | {r.alive} | {r.oom_kills} | {echo} |",
+                    f"{r.after / mib:.1f} | {r.peak / mib:.1f} | {r.alive} | {r.oom_kills} | {echo} | "
+                    f"{r.kernel / mib / max(1, r.connected):.3f} |",
                     flush=True,
                 )
     return 0

@@ -260,7 +260,8 @@ class Metrics:
             udp,
             "relay_datagrams_dropped_total",
             "UDP datagrams dropped: limit (max_udp_sessions), buffer (could not be sent at once), "
-            "unreachable (ICMP error from the target), unresolved (target not resolved)",
+            "unreachable (ICMP error from the target), unresolved (target not resolved), evicted (its "
+            "session gave way to a new client's at max_udp_sessions), fd_limit (no descriptor for a session)",
             DROP_REASONS,
             "dropped",
         )

@@ -42,6 +42,7 @@ from relay.listener import Listener, ListenError, Reserve, bind_error, open_rout
 from relay.netwatch import APP_RESTARTED, HOSTNAME_FILE, AppWatch, start_watch
 from relay.stats import RouteStats
 from relay.udp import UdpHub, UdpListener, UdpRoute
+from relay.udp_stream import StreamSession
 from relay.upstream import CHAIN, Lookup, Resolver, target_for
 
 log = logging.getLogger("relay")
@@ -82,7 +83,8 @@ class Server:
         self.shared = Shared(config)
         self.routes: dict[Route, ActiveRoute] = {}
         self.stats: dict[str, RouteStats] = {}
-        self.udp = UdpHub(self.shared)  # UDP routes' sessions and stats (relay/udp.py)
+        # UDP routes' sessions and stats (relay/udp.py); a TCP target's sessions are udp_stream.py's.
+        self.udp = UdpHub(self.shared, session_types={"tcp": StreamSession})
         self.resolvers: dict[tuple[str, str], Resolver] = {}
         self.skipped_hosts: set[str] = set()  # ::1 when the kernel has no IPv6
         self.health: Endpoint | None = None

@@ -78,6 +78,9 @@ class UdpHub:
     active, overall (for the idle sweep) and by client host (for eviction); stats by route."""
 
     shared: Shared
+    # The session class of a route by its target_protocol: "" is this module's Session; the server adds
+    # udp_stream's for "tcp" (that module builds on this one, so this one does not import it).
+    session_types: dict[str, type[Session]] = field(default_factory=dict)
     sessions: int = 0
     stats: dict[str, UdpStats] = field(default_factory=dict)
     tick: int = 0  # sweeps so far
@@ -176,11 +179,7 @@ class UdpRoute:
         self.stats = stats
         self.hub = hub
         self.listeners: list[UdpListener] = []
-        self.session_type: type[Session] = Session
-        if route.target_protocol == "tcp":  # a TCP target (relay/udp_stream.py), which imports this module
-            from relay.udp_stream import StreamSession
-
-            self.session_type = StreamSession
+        self.session_type = hub.session_types.get(route.target_protocol, Session)
 
     async def bind(self, skipped: set[str]) -> None:
         loop = asyncio.get_running_loop()

@@ -441,6 +441,36 @@ print("peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "M
     docker rm -f "$cid" > /dev/null
 }
 
+memory_limit() { # the relay under docker run --memory 128m: it finds the limit and outlives clients that stop reading
+    local cid output state
+    log "the relay under --memory 128m with 2,000 clients that stop reading"
+    cid=$(docker run -d --network none --memory 128m --memory-swap 128m --read-only --cap-drop ALL \
+        -e RELAY_PORTS="7000:17000 7001:7002" -e RELAY_TARGET=127.0.0.1 -e RELAY_LISTEN=127.0.0.1 \
+        -e RELAY_METRICS=127.0.0.1:9464 "$RELAY_IMAGE")
+    if ! wait_for_relay "$cid"; then
+        fail "memory: relay started under --memory 128m" "$(relay_logs "$cid")"
+        docker rm -f "$cid" > /dev/null
+        return 0
+    fi
+    if docker logs "$cid" 2>&1 | grep -q "memory: container limit 128 MiB (cgroup v[12]); at most 32 MiB buffered"; then
+        pass "memory: the relay reads its container's 128 MiB limit and buffers at most 32 MiB"
+    else
+        fail "memory: the limit line at start" "$(relay_logs "$cid")"
+    fi
+    # The clients in the app's place: a container of their own in the relay's network namespace.
+    local code=0
+    output=$(timeout 120 docker run --rm --network "container:$cid" -v "$HERE:/t:ro" "$BASE_IMAGE" \
+        python3 /t/stalled_clients.py 7000 17000 7001 2000 2>&1) || code=$?
+    state=$(docker inspect -f '{{.State.Running}} OOMKilled={{.State.OOMKilled}}' "$cid")
+    if [ "$code" = 0 ] && [ "$state" = "true OOMKilled=false" ]; then
+        pass "memory: $output; the relay lives on ($state)"
+    else
+        fail "memory: 2,000 stalled clients under --memory 128m (exit $code, $state)" "$output
+$(relay_logs "$cid")"
+    fi
+    docker rm -f "$cid" > /dev/null
+}
+
 # ---------------------------------------------------------------------------------------------------
 # Compose examples
 
@@ -1020,6 +1050,7 @@ main() {
     fi
     offline_failure
     exercise_image
+    memory_limit
 
     start_dns
     example socat-dropin "relaytest$$a" gateway "8000" 4:8000:8000 6:8000:8000
