@@ -195,9 +195,11 @@ class Echo(asyncio.Protocol):
 
 
 def subject_argv(subject: str, listen: int, target: int, echo: int, metrics: int, workdir: Path) -> list[str]:
-    if subject == "relay":
+    if subject in ("relay", "relay-before"):
+        default = f"{sys.executable} -m relay"
+        command = os.environ.get("STALLED_BEFORE" if subject == "relay-before" else "STALLED_RELAY", default)
         return [
-            *os.environ.get("STALLED_RELAY", f"{sys.executable} -m relay").split(),
+            *command.split(),
             "--ports",
             f"{listen}:{target},{echo}:{echo + 1}",
             "--target",
@@ -318,7 +320,7 @@ async def drive(subject: str, clients: int, cgroup: Path, limit: int | None, wor
         await _settle(result, cgroup, child, seconds=60)
         result.stalled = anon(cgroup)
         result.kernel = kernel_bytes(listen, target)
-        if subject == "relay" and child.poll() is None:
+        if subject.startswith("relay") and child.poll() is None:
             result.echo_ms = await _echo_ms(echo)
             result.buffered = _metric(metrics, "relay_buffered_bytes")
         for sock in socks:
@@ -351,12 +353,19 @@ def _inside(args: argparse.Namespace) -> int:
 
 
 def measure(
-    netns: str, subject: str, clients: int, limit: int | None, workdir: Path, relay: str | None = None
+    netns: str,
+    subject: str,
+    clients: int,
+    limit: int | None,
+    workdir: Path,
+    relay: str | None = None,
+    before: str | None = None,
 ) -> Result:
     """One subject with `clients` stalled clients, in `netns`, in a fresh memory cgroup."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if relay is not None:
-        env["STALLED_RELAY"] = relay
+    for name, command in (("STALLED_RELAY", relay), ("STALLED_BEFORE", before)):
+        if command is not None:
+            env[name] = command
     with memory_cgroup("relay-stalled-", limit) as cgroup:
         argv = [
             *enter(netns),
@@ -389,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"tcp_rmem/tcp_wmem in the namespace (default {TCP_MEM!r}; or default)",
     )
     p.add_argument("--relay", help="command that starts the relay (default: python -m relay of this tree)")
+    p.add_argument(
+        "--before",
+        help="also measure the relay started by this command (an earlier checkout) as subject relay-before",
+    )
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--subject", help=argparse.SUPPRESS)
     p.add_argument("--cgroup", help=argparse.SUPPRESS)

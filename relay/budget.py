@@ -11,7 +11,9 @@ sending would each hold a full buffer, and a 128 MiB container is OOM-killed (is
    receiver that is still stuck, which is exactly the growth being bounded. Healthy pairs keep going.
 3. Reads shrink as the budget fills (READ_SIZES: 256 KiB below a quarter of it, 16 KiB below the
    budget, 4 KiB above), so each receiver that stalls adds at most one small read before it stops.
-   Every side reads into one shared buffer and copies out exactly what it read (pump.py rule 4).
+   Every side reads into the shared buffer of the current size (pump.py rule 4). A transport that could
+   not send all of a write may keep a view of that buffer: it is then the side's (`pin`, charged in
+   full until its output has drained) and the next reads go into a new one.
 4. A tick refreshes the charges every TICK seconds while any side is charged, and stops when none is.
    After a burst, freed heap pages go back to the kernel (memory.Trimmer).
 5. Nothing here runs per chunk except one `get_write_buffer_size()` in the pump; the budget's work
@@ -36,8 +38,9 @@ TRIM_AFTER = 4 * 1024 * 1024  # a burst that held this much is worth giving back
 
 class Budget:
     __slots__ = (
+        "_buffers",
+        "_level",
         "_timer",
-        "_views",
         "charged",
         "held",
         "limit",
@@ -47,7 +50,6 @@ class Budget:
         "stopped",
         "trim",
         "view",
-        "whole",
     )
 
     def __init__(self, limit: int = DEFAULT_BUDGET, trim: Callable[[], None] | None = None) -> None:
@@ -57,17 +59,23 @@ class Budget:
         self.reached = 0  # times the budget was reached (relay_memory_budget_reached_total)
         self.stopped = 0  # sides stopped by the budget now
         self.charged: set[Side] = set()
-        self.whole = memoryview(bytearray(READ_SIZES[0]))
-        self._views = tuple(self.whole[:size] for size in READ_SIZES)
-        self.view = self._views[0]  # what the next read goes into (rule 3)
+        self._buffers = [memoryview(bytearray(size)) for size in READ_SIZES]  # one per level (rule 3)
+        self._level = 0
+        self.view = self._buffers[0]  # what the next read goes into
         self.trim = trim
         self.on_full: Callable[[Budget], None] | None = None  # told once each time the budget is reached
         self._timer: asyncio.TimerHandle | None = None
 
+    def pinned(self, side: Side) -> None:
+        """`side` wrote a view of the shared buffer and its output kept part of it (rule 3)."""
+        side.pin = len(self.view)
+        self.view = self._buffers[self._level] = memoryview(bytearray(side.pin))
+        self.charge(side)
+
     def charge(self, side: Side) -> None:
         """`side` wrote and bytes stayed behind in its output's buffer (rule 1)."""
         out = side.out
-        size = out.get_write_buffer_size() if out is not None else 0
+        size = (out.get_write_buffer_size() if out is not None else 0) + side.pin
         was_over = self.held > self.limit
         self.held += size - side.held
         side.held = size
@@ -82,12 +90,15 @@ class Budget:
                 self.reached += 1
                 if self.on_full is not None:
                     self.on_full(self)
-        self._level()
+        self._relevel()
 
-    def _level(self) -> None:
+    def _relevel(self) -> None:
         held, limit = self.held, self.limit
         self.peak = max(self.peak, held)
-        self.view = self._views[0 if held < limit >> 2 else 1 if held <= limit else 2]
+        level = 0 if held < limit >> 2 else 1 if held <= limit else 2
+        if level != self._level:
+            self._level = level
+            self.view = self._buffers[level]
 
     def _tick(self) -> None:
         self._timer = None
@@ -97,17 +108,17 @@ class Budget:
             out = side.out
             size = 0 if out is None or side.lost else out.get_write_buffer_size()
             if size:
-                side.held = size
-                total += size
+                side.held = size + side.pin
+                total += side.held
             else:
                 drained.append(side)
         for side in drained:  # rule 2: its receiver took everything
             self.charged.discard(side)
-            side.held = 0
+            side.held = side.pin = 0
             if side.go_after_budget():
                 self.stopped -= 1
         self.held = total
-        self._level()
+        self._relevel()
         if self.charged:
             self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
         elif self.peak >= TRIM_AFTER and self.trim is not None:

@@ -8,20 +8,22 @@ Rules this module keeps:
    So each direction holds at most HIGH_WATER + one read, whatever the sender does.
 3. Half-close passes through: EOF read on one side becomes `write_eof()` (FIN) on the other, and the
    opposite direction keeps flowing. The pair (connection.py) decides when both directions are done.
-4. Memory follows what is in flight: every side reads into the budget's one shared buffer and hands
-   over a bytes object of exactly the size read (a copy, so a transport that keeps what it could not
-   send never sees the shared buffer change); only what the other side cannot take yet stays
-   allocated. An idle connection holds no buffer.
+4. Memory follows what is in flight: every side reads into the budget's one shared buffer and writes
+   a view of what it read, with no copy. Where the other side's transport already holds bytes, the
+   write is a copy of exactly the size read (the transport keeps it); where a transport kept part of a
+   view, that buffer is left to it and the budget hands out a new one (budget.py rule 3). Only what
+   the other side cannot take yet stays allocated; an idle connection holds no buffer.
 5. Bounded memory per process: bytes left in a write buffer are charged to the budget (budget.py),
    which stops sides and shrinks reads when receivers that do not read add up. A side stops reading
    while any reason holds (FULL: the other side's buffer is full; BUDGET); stop and go are safe to
    call twice.
 
-A BufferedProtocol rather than a plain Protocol for rule 5: it alone lets the relay choose the read
-size on both loops. At the same read size the two measured level (docs/benchmarks.md, pump experiments).
+A BufferedProtocol rather than a plain Protocol: it alone lets the relay choose the read size on both
+loops (rule 5), and the common write needs no copy, where a plain Protocol gets a new bytes object per
+read from the loop.
 
-The hot path (`buffered_updated`) copies, adds to a counter, writes, and asks the buffer's size: no
-logging, no metrics calls.
+The hot path (`buffer_updated`) adds to a counter, writes, and asks the buffer's size before and after:
+no logging, no metrics calls.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Side(asyncio.BufferedProtocol):
         "out",
         "owner",
         "peer",
+        "pin",
         "stops",
         "transport",
     )
@@ -75,6 +78,7 @@ class Side(asyncio.BufferedProtocol):
         self.peer: Side | None = None  # the side that writes into this side's transport
         self.nbytes = 0
         self.held = 0  # bytes charged to the budget for `out`'s write buffer
+        self.pin = 0  # size of a shared read buffer `out` may still hold a view of (budget.py rule 3)
         self.stops = 0  # FULL | BUDGET: why this side is not read (rule 5)
         self.eof = False
         self.lost = False
@@ -91,17 +95,21 @@ class Side(asyncio.BufferedProtocol):
         return self.budget.view
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = self.budget.whole[:nbytes].tobytes()  # rule 4: a copy of the shared buffer
+        budget = self.budget
         out = self.out
         if out is None:
-            self._hold(data)
+            self._hold(budget.view[:nbytes].tobytes())
             return
         if out.is_closing():
             return  # the other side is gone; the pair is being closed
         self.nbytes += nbytes
-        out.write(data)
-        if out.get_write_buffer_size():
-            self.budget.charge(self)
+        if out.get_write_buffer_size():  # rule 4: it will be kept, so a copy
+            out.write(budget.view[:nbytes].tobytes())
+            budget.charge(self)
+        else:
+            out.write(budget.view[:nbytes])
+            if out.get_write_buffer_size():
+                budget.pinned(self)
 
     def _hold(self, data: bytes) -> None:
         """Bytes that came before the other side exists: keep them and stop reading (bounded by one read).

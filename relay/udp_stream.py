@@ -58,8 +58,9 @@ class StreamSession(Session):
             self.stats.bytes_c2t += len(data)
             transport.write(data)
 
-    def write(self, data: bytes) -> None:
-        """Bytes from the target (the Side's `out.write`): to the client as datagrams (rule 1)."""
+    def write(self, data: bytes | memoryview) -> None:
+        """Bytes from the target (the Side's `out.write`): to the client as datagrams (rule 1). `data` may
+        be a view of the pump's shared buffer, so each datagram is a copy (a transport may keep it)."""
         if self.seen != self.hub.tick:
             self.hub.touch(self)
         out = self.listener.transport
@@ -69,7 +70,7 @@ class StreamSession(Session):
             if out.get_write_buffer_size():
                 self.stats.dropped["buffer"] += 1
                 continue
-            piece = data[start : start + DATAGRAM_BYTES]
+            piece = bytes(data[start : start + DATAGRAM_BYTES])
             self.stats.datagrams_t2c += 1
             self.stats.bytes_t2c += len(piece)
             out.sendto(piece, self.client)
