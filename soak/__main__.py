@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from bench import proc
 from bench import report as bench_report
-from soak import report
+from soak import hostile, report
 from soak.run import Plan, SoakError, soak
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="loop of the main relay"
     )
     p.add_argument("--no-blackhole", action="store_true", help="skip the resolver black hole (needs root)")
+    p.add_argument(
+        "--hostile",
+        action="store_true",
+        help="hostile mode: one relay, verified traffic, a hostile neighbour taking turns (soak/hostile.py)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.add_argument("--write-doc", action="store_true", help="write docs/reliability.md (or --doc)")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "reliability.md", help=argparse.SUPPRESS)
@@ -82,12 +87,41 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["scripts/soak", length, f"--seed {args.seed}"]
     parts += [f"--loop {args.loop}"] if args.loop != "auto" else []
     parts += ["--no-blackhole"] if args.no_blackhole else []
+    parts += ["--hostile"] if args.hostile else []
     return " ".join([*parts, "--write-doc"])
 
 
 def _write_doc(fig: dict[str, Any], path: Path) -> None:
-    path.write_text(report.document(fig))
+    """The fault run's part of the document; the hostile mode's part and the figures below it stay."""
+    old = path.read_text() if path.exists() else ""
+    kept = ""
+    for mark in (hostile.HOSTILE_MARK, hostile.FIGURES_MARK):
+        if mark in old:
+            kept = mark + old.split(mark, 1)[1]
+            break
+    path.write_text(report.document(fig) + ("\n" + kept if kept else ""))
     print(f"soak: wrote {path}", file=sys.stderr)
+
+
+def _hostile(args: argparse.Namespace) -> int:
+    print(f"soak: hostile mode, {args.length:g} s, seed {args.seed}", file=sys.stderr, flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="relay-soak-hostile-"))
+    try:
+        result = asyncio.run(hostile.run(args.length, args.seed, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results = hostile.checks(result)
+    if left := proc.leftovers():
+        results.append(hostile.Check("no process left running", False, str(left)))
+    print("\n".join(hostile.table(results)), file=sys.stderr)
+    ok = all(c.ok for c in results)
+    if not ok:
+        print(result["log_tail"], file=sys.stderr)
+    if args.write_doc:
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        hostile.write_section(args.doc, hostile.section(result, results, _command(args), date))
+        print(f"soak: wrote {args.doc}", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if args.hostile:
+        return _hostile(args)
     plan = Plan(seconds=args.length, seed=args.seed, loop=args.loop, blackhole=not args.no_blackhole)
     machine = [(k, v) for k, v in dict(bench_report.machine(sys.executable)).items() if k in MACHINE_KEYS]
     print(f"soak: {args.length:g} s of load, seed {args.seed}", file=sys.stderr, flush=True)

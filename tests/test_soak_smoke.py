@@ -166,3 +166,27 @@ def test_a_failure_is_credited_to_the_first_fault_that_hit_it() -> None:
         ledger.close(window)
     assert ledger.add(Result("small", "a", 11, 21, "timeout")) == EXPECTED
     assert (ledger.faults["silent"].excused, ledger.faults["refusing"].excused) == (1, 0)
+
+
+HOSTILE_SECONDS = 25
+
+
+@pytest.mark.timeout(HOSTILE_SECONDS + 90)
+def test_hostile_mode_short_form(tmp_path: Path) -> None:
+    """Steps: the hostile mode for 25 s (every kind of turn at least once: slow readers, slowloris on
+    the metrics port, a scrape storm, a UDP flood, a SIGHUP with an alias bomb); it exits 0, every
+    condition in its table says pass, and it leaves no process behind."""
+    run_id = f"hostile-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    out = subprocess.run(
+        [sys.executable, "-m", "soak", "--hostile", "--seconds", str(HOSTILE_SECONDS)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HOSTILE_SECONDS + 80,
+        env={**os.environ, proc.RUN_ENV: run_id},
+    )
+    assert proc.leftovers(run_id) == [], "the hostile mode left processes behind"
+    rows = [line for line in out.stderr.splitlines() if line.startswith("| ") and "condition" not in line]
+    assert len(rows) >= 10, out.stderr[-3000:]
+    failed = [row for row in rows if "| pass |" not in row]
+    assert not failed and out.returncode == 0, "\n".join(failed) + "\n" + out.stderr[-3000:]
