@@ -387,6 +387,10 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.stalled", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="100,1000", help="stalled clients, comma-separated counts")
@@ -413,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     if why := unavailable():
         print(f"skipped: {why}")
         return 0
+    for sig in (signal.SIGTERM, signal.SIGINT):  # unwind the `with`s: cgroup and namespace removed
+        signal.signal(sig, _stop)
     import tempfile
 
     mib = 1 << 20
@@ -423,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for count in (int(c) for c in args.clients.split(",")):
-            for subject in args.subjects.split(","):
-                r = measure(netns, subject, count, args.limit, Path(tmp), args.relay)
-                echo = (
-                    f"{r.echo_ms:.1f}" if r.echo_ms is not None else ("-" if subject != "relay" else "failed")
-                )
+            names = [n for n in args.subjects.split(",") if n] + (["relay-before"] if args.before else [])
+            for subject in names:
+                r = measure(netns, subject, count, args.limit, Path(tmp), args.relay, args.before)
+                echo = "-" if not subject.startswith("relay") else "failed"
+                if r.echo_ms is not None:
+                    echo = f"{r.echo_ms:.1f}"
                 print(
                     f"| {subject} | {r.connected}/{count}{'' if r.settled else ' (not settled)'} | "
                     f"{r.idle / mib:.1f} | {r.stalled / mib:.1f} | {r.per_client / mib:.3f} | "

@@ -506,9 +506,11 @@ class Connection:
         if self not in shared.connections:
             return
         shared.connections.discard(self)
-        # Cut the pair <-> side cycle: the pair, its sides and transports are then freed at once by
-        # reference counting, not by the cyclic collector (~13 objects a connection; docs/benchmarks.md).
+        # Cut the pair <-> side and side <-> side cycles: the pair, its sides and transports are then freed
+        # at once by reference counting, not by the cyclic collector (~13 objects a connection;
+        # docs/benchmarks.md). A side the budget still counts goes at its next tick (budget.py rule 4).
         self.client.owner = self.target.owner = FINISHED
+        self.client.peer = self.target.peer = None
         for timer in (self._idle_timer, self._half_timer):
             if timer is not None:
                 timer.cancel()

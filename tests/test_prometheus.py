@@ -51,7 +51,7 @@ def test_promtool_checks_the_config_and_the_rules() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     result = _promtool("check", "rules", "relay-alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_cover_every_rule() -> None:
