@@ -161,6 +161,9 @@ def main(argv: list[str]) -> int:
     nsswitch = Path("/etc/nsswitch.conf")
     # Without it glibc asks DNS before /etc/hosts, where Docker writes host.docker.internal.
     (etc / "nsswitch.conf").write_text(nsswitch.read_text() if nsswitch.exists() else "hosts: files dns\n")
+    # socat-style service names as ports (TCP4-LISTEN:www): getservbyname reads it.
+    if os.path.exists("/etc/services"):
+        copy_path("/etc/services", dest)
     (dest / "tmp").mkdir(mode=0o1777, exist_ok=True)
     os.chmod(dest / "tmp", 0o1777)
     print(f"rootfs: {len(elves)} ELF files, {len(libraries)} shared libraries", file=sys.stderr)

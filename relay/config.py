@@ -107,6 +107,7 @@ class Config:
     backlog: int = 1024
     reuseport: bool = False
     family: Family = "any"
+    source: str | None = None  # source address of target connections (socat's bind= on the connect side)
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     metrics: HostPort | None = DEFAULT_METRICS
@@ -202,6 +203,13 @@ def _size_in(lo: int, hi: int) -> Callable[[object], int | None]:
         return parse_size(text, lo, hi)
 
     return convert
+
+
+def _source(value: object) -> str | None:
+    """An IP of this host to connect to targets from, or off (the kernel picks)."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in OFF):
+        return None
+    return parse_ip(_text(value).strip(), "expected an IP address of this host, or off")
 
 
 def _optional_duration(value: object) -> float | None:
@@ -382,6 +390,13 @@ OPTIONS: tuple[Option, ...] = (
         _choice("any", "ipv4", "ipv6"),
         "reach the target over any, ipv4 or ipv6 (default any)",
         "{any,ipv4,ipv6}",
+    ),
+    Option(
+        "source",
+        _source,
+        "connect to targets from this IP of the relay's host (socat's bind= on the connect address; "
+        "default: the kernel picks)",
+        "IP",
     ),
     Option("log_level", _log_level, "debug, info, warning or error (default info)", "LEVEL"),
     Option("log_format", _choice("text", "json"), "text or json (default text)", "FORMAT"),
@@ -988,6 +1003,10 @@ def _check_tls_names(routes: list[Route], sources: list[str]) -> None:
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+# Docker's embedded DNS server. The engine's NAT rules in the container's namespace send 127.0.0.11:53
+# to the resolver's own port, so a wildcard listener on port 53 beside it is no loop (socat's
+# UDP-RECVFROM:53,fork UDP-SENDTO:127.0.0.11:53 forwards a network's DNS to it).
+DOCKER_DNS = "127.0.0.11"
 
 
 def lands_on(address: str, port: int, listen: HostPort | UnixAddress) -> bool:
@@ -1014,7 +1033,7 @@ def lands_on(address: str, port: int, listen: HostPort | UnixAddress) -> bool:
         return True
     wildcard, loopback = ("0.0.0.0", "127.0.0.1") if ip.version == 4 else ("::", "::1")
     if listen.host == wildcard:
-        return ip.is_loopback or ip.is_unspecified
+        return (ip.is_loopback and here != DOCKER_DNS) or ip.is_unspecified
     return ip.is_unspecified and listen.host == loopback
 
 

@@ -271,6 +271,7 @@ class Server:
                 self.config.family,
                 lookup=self._lookup,
                 on_problem=functools.partial(self._target_problem, f"target:{target}"),
+                source=self.config.source,
             )
         return self.resolvers[key]
 
@@ -564,6 +565,9 @@ class Server:
         ]
         if old.memory_budget != new.memory_budget:
             self._set_budget(new)
+        if old.source != new.source:  # connections from now on
+            for resolver in self.resolvers.values():
+                resolver.source = new.source
         if old.metrics != new.metrics:
             await self._rebind_health(old.metrics)
         if (old.log_level, old.log_format) != (new.log_level, new.log_format):

@@ -16,6 +16,7 @@ half-closed connection is not cut after 0.5 s unless -t is given.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 
 from relay.access import parse_range
@@ -410,11 +411,24 @@ def _parts(
     return where, keyword, params, options
 
 
+def _port_or_service(text: str, keyword: str, form: str) -> int:
+    """A port number, or a service name as socat takes it (`www` is 80: /etc/services, through NSS)."""
+    if text.isascii() and text.isdigit():
+        return parse_port(text, form)
+    protocol = "udp" if keyword.startswith("udp") else "tcp"
+    try:
+        return socket.getservbyname(text, protocol)
+    except (OSError, UnicodeError):
+        raise AddressError(
+            f"{excerpt(text)} is neither a port number nor a {protocol} service name of /etc/services; {form}"
+        ) from None
+
+
 def _listen_address(address: str, raw: dict[str, Raw], notes: list[str]) -> None:
     where, keyword, params, options = _parts(address, LISTEN_KEYWORDS, "listen", 1, LISTEN_FORM)
     _udp_options(keyword, options, where)
     try:
-        port = parse_port(params[0], LISTEN_FORM)
+        port = _port_or_service(params[0], keyword, LISTEN_FORM)
     except AddressError as err:
         raise ConfigError(f"{where}: {err}") from None
     family = LISTEN_KEYWORDS[keyword]
@@ -480,7 +494,7 @@ def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
     _udp_options(keyword, options, where)
     try:
         host = check_host(params[0], CONNECT_FORM)
-        port = parse_port(params[1], CONNECT_FORM)
+        port = _port_or_service(params[1], keyword, CONNECT_FORM)
     except AddressError as err:
         raise ConfigError(f"{where}: {err}") from None
     if CONNECT_KEYWORDS[keyword] != "any":
@@ -500,8 +514,8 @@ def _connect_target(address: str, raw: dict[str, Raw]) -> tuple[str, int]:
                 interval = parse_duration(value)
             elif name == "forever":
                 retries = -1
-            elif name == "bind":
-                raise AddressError("a source address for the target connection is not supported")
+            elif name == "bind":  # the source address of the target connection: config `source`
+                raw["source"] = Raw(value, where)
             elif name == "pf":
                 raw["family"] = Raw(_pf(value), where)
             else:

@@ -49,7 +49,7 @@ from relay.config import UDP_IDLE_FLOOR, Route
 from relay.connection import Shared, denied
 from relay.listener import NO_IPV6, ListenError, bind_error
 from relay.stats import UdpStats
-from relay.upstream import FD_LIMIT, ResolveError, Resolver, classify
+from relay.upstream import FD_LIMIT, ResolveError, Resolver, classify, of_family
 
 log = logging.getLogger("relay")
 
@@ -439,7 +439,7 @@ class Session(asyncio.DatagramProtocol):
             self.opening = asyncio.ensure_future(self._resolve())
             return
         try:
-            self.sock = _connect(last.addresses, self.udp.route.target_port)
+            self.sock = _connect(last.addresses, self.udp.route.target_port, self.udp.resolver.source)
         except OSError as err:
             self._failed(err)
             return
@@ -450,7 +450,7 @@ class Session(asyncio.DatagramProtocol):
         try:
             async with asyncio.timeout(self.udp.hub.shared.config.connect_timeout):
                 resolution = await self.udp.resolver.resolve()
-            self.sock = _connect(resolution.addresses, self.udp.route.target_port)
+            self.sock = _connect(resolution.addresses, self.udp.route.target_port, self.udp.resolver.source)
         except (ResolveError, TimeoutError, OSError) as err:
             self.opening = None
             self._failed(err)
@@ -543,14 +543,16 @@ def _bind(host: str, port: int, *, reuseport: bool, ipv6only: bool = True) -> so
     return sock
 
 
-def _connect(addresses: tuple[str, ...], port: int) -> socket.socket:
+def _connect(addresses: tuple[str, ...], port: int, source: str | None) -> socket.socket:
     """A UDP socket connected to the first address that takes it (connect() on UDP sends nothing; it
-    fails only when there is no route, e.g. IPv6 without an interface)."""
+    fails only when there is no route, e.g. IPv6 without an interface), bound to `source` if given."""
     error: OSError = OSError(errno.EDESTADDRREQ, "no address")
-    for address in addresses:
+    for address in of_family(addresses, source):
         sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            if source is not None:
+                sock.bind((source, 0))
             sock.connect((address, port))
         except OSError as err:
             sock.close()

@@ -186,9 +186,11 @@ class Resolver:
         lookup: Lookup | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_problem: Callable[[str | None], None] | None = None,
+        source: str | None = None,
     ) -> None:
         self.target = target
         self.family = FAMILIES[family]
+        self.source = source  # the local address connections are made from (config `source`)
         self.refresh_every = refresh_every
         self.negative = negative
         self.lookup_timeout = lookup_timeout
@@ -223,7 +225,7 @@ class Resolver:
     ) -> asyncio.BaseTransport:
         """Connect to one of `addresses` (from `resolve()`) on `port`; `tls` is ssl= and server_hostname=
         for create_connection when the route speaks TLS to its target (tls.py)."""
-        return await open_connection(loop, factory, addresses, port, **tls)
+        return await open_connection(loop, factory, addresses, port, source=self.source, **tls)
 
     # --- what connections use ---------------------------------------------------------------------------
 
@@ -498,22 +500,40 @@ def classify(exc: BaseException) -> str:
     return "other"
 
 
+def of_family(addresses: tuple[str, ...], source: str | None) -> tuple[str, ...]:
+    """The addresses a socket bound to `source` can reach: those of its family (all without a source)."""
+    if source is None:
+        return addresses
+    fitting = tuple(a for a in addresses if (":" in a) == (":" in source))
+    if not fitting:
+        raise OSError(
+            errno.EAFNOSUPPORT,
+            f"the target's addresses {', '.join(addresses)} are not of source {source}'s family",
+        )
+    return fitting
+
+
 async def open_connection(
     loop: asyncio.AbstractEventLoop,
     factory: Callable[[], asyncio.BaseProtocol],
     addresses: tuple[str, ...],
     port: int,
+    *,
+    source: str | None = None,
     **tls: Any,
 ) -> asyncio.BaseTransport:
-    """Connect to the first address that answers; later ones start HAPPY_EYEBALLS_DELAY apart.
+    """Connect to the first address that answers; later ones start HAPPY_EYEBALLS_DELAY apart. With a
+    `source`, from that local address, to the addresses of its family.
 
     With several addresses the race is run on bare sockets, so that only the winner gets a protocol (and
     a TLS handshake, with `tls`: ssl= and server_hostname=).
     """
+    addresses = of_family(addresses, source)
     if len(addresses) == 1:
-        transport, _ = await loop.create_connection(factory, addresses[0], port, **tls)
+        local = (source, 0) if source is not None else None
+        transport, _ = await loop.create_connection(factory, addresses[0], port, local_addr=local, **tls)
         return transport
-    sock = await _race(loop, addresses, port)
+    sock = await _race(loop, addresses, port, source)
     try:
         transport, _ = await loop.create_connection(factory, sock=sock, **tls)
     except BaseException:
@@ -522,10 +542,14 @@ async def open_connection(
     return transport
 
 
-async def _connect_sock(loop: asyncio.AbstractEventLoop, address: str, port: int) -> socket.socket:
+async def _connect_sock(
+    loop: asyncio.AbstractEventLoop, address: str, port: int, source: str | None
+) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        if source is not None:
+            sock.bind((source, 0))
         await loop.sock_connect(sock, (address, port))
     except BaseException:
         sock.close()
@@ -533,13 +557,15 @@ async def _connect_sock(loop: asyncio.AbstractEventLoop, address: str, port: int
     return sock
 
 
-async def _race(loop: asyncio.AbstractEventLoop, addresses: tuple[str, ...], port: int) -> socket.socket:
+async def _race(
+    loop: asyncio.AbstractEventLoop, addresses: tuple[str, ...], port: int, source: str | None
+) -> socket.socket:
     attempts: list[asyncio.Task[socket.socket]] = []
     errors: list[BaseException] = []
     winner: socket.socket | None = None
     try:
         for address in addresses:
-            attempts.append(asyncio.ensure_future(_connect_sock(loop, address, port)))
+            attempts.append(asyncio.ensure_future(_connect_sock(loop, address, port, source)))
             winner = await _wait_first(attempts, errors, HAPPY_EYEBALLS_DELAY)
             if winner is not None:
                 return winner

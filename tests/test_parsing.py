@@ -356,14 +356,14 @@ def test_socat_durations_reach_the_config(argv: list[str], setting: str, seconds
         (["tcp-listen:80,pf=ipx", "tcp:db:1"], "'ipx' is not a protocol family; expected pf=ip4 or pf=ip6"),
         (["tcp-listen:80", "tcp:db:1,sourceport=9"], "'sourceport' is not supported"),
         (["tcp-listen:80"], "expected exactly two addresses"),
-        (["tcp-listen:http", "tcp:db:1"], "'http' is not a port number"),
+        (["tcp-listen:htp", "tcp:db:1"], "'htp' is neither a port number nor a tcp service name"),
         (["tcp-listen:80", "tcp:db"], "expected HOST:PORT after TCP"),
         (["-b", "tcp-listen:80", "tcp:db:1"], "'tcp-listen:80' is not a whole number"),
         (["-u", "tcp-listen:80", "tcp:db:1"], "'-u': not supported"),
         (["tcp-listen:80,bind=nope", "tcp:db:1"], "'nope' is not an IP address"),
         # Were read as [::1]:80: whatever followed `]` lost its colons.
         (["tcp-listen:80", "tcp6:[::1]80"], "expected HOST:PORT after TCP6"),
-        (["tcp-listen:80", "tcp6:[::1]:::80"], "'::80' is not a port number"),
+        (["tcp-listen:80", "tcp6:[::1]:::80"], "'::80' is neither a port number nor a tcp service name"),
         # str.isdigit() said yes; int() then raised a bare ValueError (or the count overflowed a float).
         (["tcp-listen:80", "tcp:db:1,retry=²"], "'²' is not a whole number from 0 to 2147483647"),
         (
