@@ -32,27 +32,13 @@ from pathlib import Path
 from typing import ClassVar, cast
 
 from bench import proc
+from bench.subjects import HAPROXY_CONF
 
 REPO = Path(__file__).resolve().parent.parent
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 TCP_MEM = "4096 16384 65536"
 CHUNK = b"x" * 65536
 SUBJECTS = ("relay", "haproxy", "socat")
-HAPROXY_CONF = """\
-global
-    maxconn 9000
-defaults
-    mode tcp
-    maxconn 9000
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-frontend f
-    bind 127.0.0.1:{listen}
-    default_backend b
-backend b
-    server t 127.0.0.1:{target}
-"""
 
 
 def unavailable() -> str:
@@ -215,7 +201,7 @@ def subject_argv(subject: str, listen: int, target: int, echo: int, metrics: int
         ]
     if subject == "haproxy":
         conf = workdir / "haproxy.cfg"
-        conf.write_text(HAPROXY_CONF.format(listen=listen, target=target))
+        conf.write_text(HAPROXY_CONF.format(listen=listen, server=f"127.0.0.1:{target}"))
         return ["haproxy", "-db", "-f", str(conf)]
     return ["socat", f"tcp-listen:{listen},fork,reuseaddr,backlog=4096", f"tcp-connect:127.0.0.1:{target}"]
 

@@ -112,8 +112,8 @@ def _hostile(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     results = hostile.checks(result)
     if left := proc.leftovers():
-        results.append(hostile.Check("no process left running", False, str(left)))
-    print("\n".join(hostile.table(results)), file=sys.stderr)
+        results.append(report.Check("no process left running", False, str(left)))
+    print("\n".join(report.conditions(results)), file=sys.stderr)
     ok = all(c.ok for c in results)
     if not ok:
         print(result["log_tail"], file=sys.stderr)

@@ -178,12 +178,20 @@ def summary(fig: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     return [
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
         *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
     ]
+
+
+def conditions(results: Sequence[Check]) -> list[str]:
+    """The pass-conditions table (the fault run's and the hostile mode's)."""
+    return table(
+        ("condition", "result", "figure"),
+        [(c.name, "pass" if c.ok else "**FAIL**", c.detail) for c in results],
+    )
 
 
 def document(fig: dict[str, Any]) -> str:
@@ -201,10 +209,7 @@ def document(fig: dict[str, Any]) -> str:
         "",
         "## Pass conditions",
         "",
-        *_table(
-            ("condition", "result", "figure"),
-            [(c.name, "pass" if c.ok else "**FAIL**", c.detail) for c in checks(fig)],
-        ),
+        *conditions(checks(fig)),
         "",
         "## Transfers",
         "",
@@ -216,7 +221,7 @@ def document(fig: dict[str, Any]) -> str:
         f"target gave up after their own {STALL:g} s timeout, as they must: the relay has no idle timeout "
         "by default and cannot tell a silent server from a slow one.",
         "",
-        *_table(
+        *table(
             ("operation", "verified", "failed by a fault", "failed otherwise", "corrupted"),
             [
                 (k, *(f"{n.get(x, 0):,}" for x in (VERIFIED, EXPECTED, UNEXPECTED, CORRUPTED)))
@@ -226,7 +231,7 @@ def document(fig: dict[str, Any]) -> str:
         "",
         "## Faults",
         "",
-        *_table(
+        *table(
             (
                 "fault",
                 "what it does",
@@ -273,7 +278,7 @@ def document(fig: dict[str, Any]) -> str:
     lines += [
         "## The relays",
         "",
-        *_table(
+        *table(
             (
                 "relay",
                 "loop",
@@ -328,7 +333,7 @@ def document(fig: dict[str, Any]) -> str:
         "",
         "## Machine",
         "",
-        *_table(("", ""), fig["machine"]),
+        *table(("", ""), fig["machine"]),
         "",
     ]
     if fig["notes"]:

@@ -459,8 +459,8 @@ memory_limit() { # the relay under docker run --memory 128m: it finds the limit 
     fi
     # The clients in the app's place: a container of their own in the relay's network namespace.
     local code=0
-    output=$(timeout 120 docker run --rm --network "container:$cid" -v "$HERE:/t:ro" "$BASE_IMAGE" \
-        python3 /t/stalled_clients.py 7000 17000 7001 2000 2>&1) || code=$?
+    output=$(timeout 120 docker run --rm --network "container:$cid" -v "$HERE:/t:ro" -v "$REPO/bench:/b/bench:ro" \
+        -e PYTHONPATH=/b "$BASE_IMAGE" python3 /t/stalled_clients.py 7000 17000 7001 2000 2>&1) || code=$?
     state=$(docker inspect -f '{{.State.Running}} OOMKilled={{.State.OOMKilled}}' "$cid")
     if [ "$code" = 0 ] && [ "$state" = "true OOMKilled=false" ]; then
         pass "memory: $output; the relay lives on ($state)"

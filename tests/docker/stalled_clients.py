@@ -1,10 +1,12 @@
 """The engine test's clients that stop reading: python3 stalled_clients.py RELAY_PORT TARGET_PORT ECHO_PORT N.
 
+Run with the checkout's bench/ on PYTHONPATH: the sending target is bench.stalled's Firehose.
+
 Runs in the app's place (a container sharing the relay's network namespace): a "host" service on
 127.0.0.1:TARGET_PORT that sends as fast as it may, an echo service on 127.0.0.1:ECHO_PORT + 1, and N
 clients of the relay's RELAY_PORT that never read. Once every sending connection is blocked (three looks
 in a row, 0.25 s apart), a client of the relay's ECHO_PORT must get its echo. Prints one line and exits
-0 when it did, 1 otherwise. Standard library only (it runs on the test's base image).
+0 when it did, 1 otherwise. Standard library and bench/ only (it runs on the test's base image).
 """
 
 from __future__ import annotations
@@ -13,45 +15,22 @@ import asyncio
 import socket
 import sys
 import time
-from typing import cast
 
-CHUNK = b"x" * 65536
+from bench.stalled import Firehose
 
-
-class Firehose(asyncio.Protocol):
-    open: set[Firehose] = set()  # noqa: RUF012 (a registry, shared on purpose)
-    blocked: set[Firehose] = set()  # noqa: RUF012
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.paused = False
-        Firehose.open.add(self)
-        self.send()
-
-    def send(self) -> None:
-        while not self.paused and not self.transport.is_closing():
-            self.transport.write(CHUNK)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-        Firehose.blocked.add(self)
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        Firehose.blocked.discard(self)
-        asyncio.get_running_loop().call_soon(self.send)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.paused = True
-        Firehose.open.discard(self)
-        Firehose.blocked.discard(self)
+ECHOED = asyncio.Event()  # the echo service's one client has gone: nothing is left to cancel at exit
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+    except OSError:
+        writer.transport.abort()
+    finally:
+        ECHOED.set()
 
 
 async def connect(port: int, sem: asyncio.Semaphore) -> socket.socket | None:
@@ -85,7 +64,9 @@ async def main(relay: int, target: int, echo_port: int, count: int) -> int:
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", echo_port), 5)
         writer.write(b"p" * 64)
         await asyncio.wait_for(reader.readexactly(64), 5)
+        took = time.perf_counter() - t0
         writer.close()
+        await asyncio.wait_for(ECHOED.wait(), 5)
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as err:
         print(f"{settled}; no echo while they stalled: {err!r}")
         return 1
@@ -97,7 +78,7 @@ async def main(relay: int, target: int, echo_port: int, count: int) -> int:
     if calm < 3:
         print(f"{settled}; never settled in 60 s")
         return 1
-    print(f"{settled}; echo while they stalled: {(time.perf_counter() - t0) * 1000:.1f} ms")
+    print(f"{settled}; echo while they stalled: {took * 1000:.1f} ms")
     return 0
 
 
