@@ -24,16 +24,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from relay.memory import DEFAULT_BUDGET
-
-if TYPE_CHECKING:
-    from relay.pump import Side
 
 READ_SIZES = (256 * 1024, 16 * 1024, 4 * 1024)
 TICK = 0.05
 TRIM_AFTER = 4 * 1024 * 1024  # a burst that held this much is worth giving back
+
+
+class Output(Protocol):
+    def get_write_buffer_size(self) -> int: ...
+
+
+class Side(Protocol):
+    """What the budget needs of a reading side (pump.Side), without importing the pump that uses it."""
+
+    @property
+    def out(self) -> Output | None: ...
+
+    held: int
+    pin: int
+    lost: bool
+
+    def stop_for_budget(self) -> bool: ...
+    def go_after_budget(self) -> bool: ...
 
 
 class Budget:
