@@ -460,12 +460,13 @@ memory_limit() { # the relay under docker run --memory 128m: it finds the limit 
     # The clients in the app's place: a container of their own in the relay's network namespace.
     local code=0
     output=$(timeout 120 docker run --rm --network "container:$cid" -v "$HERE:/t:ro" -v "$REPO/bench:/b/bench:ro" \
-        -e PYTHONPATH=/b "$BASE_IMAGE" python3 /t/stalled_clients.py 7000 17000 7001 2000 2>&1) || code=$?
+        -e PYTHONPATH=/b "$BASE_IMAGE" python3 /t/stalled_clients.py 7000 17000 7001 2000 2> "$RUN/stalled.err") || code=$?
     state=$(docker inspect -f '{{.State.Running}} OOMKilled={{.State.OOMKilled}}' "$cid")
     if [ "$code" = 0 ] && [ "$state" = "true OOMKilled=false" ]; then
         pass "memory: $output; the relay lives on ($state)"
     else
         fail "memory: 2,000 stalled clients under --memory 128m (exit $code, $state)" "$output
+$(tail -20 "$RUN/stalled.err")
 $(relay_logs "$cid")"
     fi
     docker rm -f "$cid" > /dev/null
