@@ -168,12 +168,12 @@ def test_a_failure_is_credited_to_the_first_fault_that_hit_it() -> None:
     assert (ledger.faults["silent"].excused, ledger.faults["refusing"].excused) == (1, 0)
 
 
-HOSTILE_SECONDS = 25
+HOSTILE_SECONDS = 21
 
 
 @pytest.mark.timeout(HOSTILE_SECONDS + 90)
 def test_hostile_mode_short_form(tmp_path: Path) -> None:
-    """Steps: the hostile mode for 25 s (every kind of turn at least once: slow readers, slowloris on
+    """Steps: the hostile mode for 21 s (every kind of turn at least once: slow readers, slowloris on
     the metrics port, a scrape storm, a UDP flood, a SIGHUP with an alias bomb); it exits 0, every
     condition in its table says pass, and it leaves no process behind."""
     run_id = f"hostile-{os.getpid()}-{uuid.uuid4().hex[:8]}"
