@@ -391,14 +391,17 @@ class Connection:
         if keepalive or shared.set_nodelay or buffer is not None:
             set_socket_options(client.transport, keepalive=keepalive, buffer=buffer)
             set_socket_options(target.transport, keepalive=keepalive, buffer=buffer)
+        # Wired before the early bytes are written: if they fill the target's buffer, its pause_writing
+        # must find the client to stop (pump.py rule 2), and the client then stays paused.
+        client.out, client.peer = target.transport, target
+        target.out, target.peer = client.transport, client
         if client.early:  # rule 1: what the client said first goes first
             target.transport.writelines(client.early)
             client.early = []
         if client.eof:
             _send_eof(target.transport)
-        client.out, client.peer = target.transport, target
-        target.out, target.peer = client.transport, client
-        client.transport.resume_reading()
+        if not client.stops:
+            client.transport.resume_reading()
         config = self.ctx.shared.config
         if config.idle_timeout:
             loop = asyncio.get_running_loop()
