@@ -16,8 +16,8 @@ sending would each hold a full buffer, and a 128 MiB container is OOM-killed (is
    full until its output has drained) and the next reads go into a new one.
 4. A tick refreshes the charges every TICK seconds while any side is charged, and stops when none is.
    After a burst, freed heap pages go back to the kernel (memory.Trimmer).
-5. Nothing here runs per chunk except one `get_write_buffer_size()` in the pump; the budget's work
-   happens when a write leaves bytes behind, and in the tick.
+5. Nothing here runs per chunk: the pump asks its output's `get_write_buffer_size()` around a write,
+   and the budget works only when a write leaves bytes behind, and in the tick.
 """
 
 from __future__ import annotations

@@ -45,13 +45,6 @@ class Cgroup:
                 return int(value)
         return 0
 
-    def usage(self) -> int | None:
-        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
-        try:
-            return int((self.path / name).read_text())
-        except (OSError, ValueError):
-            return None
-
 
 def _own_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
     """(v1 memory path, v2 path) of this process from /proc/self/cgroup's text."""
