@@ -206,10 +206,13 @@ def subject_argv(subject: str, listen: int, target: int, echo: int, metrics: int
     return ["socat", f"tcp-listen:{listen},fork,reuseaddr,backlog=4096", f"tcp-connect:127.0.0.1:{target}"]
 
 
-async def _connect(port: int, sem: asyncio.Semaphore) -> socket.socket | None:
+async def connect_idle(port: int, sem: asyncio.Semaphore, rcvbuf: int | None = None) -> socket.socket | None:
+    """A client of 127.0.0.1:port that will never read (None if it could not connect)."""
     loop = asyncio.get_running_loop()
     async with sem:
         sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 10)
@@ -300,7 +303,7 @@ async def drive(subject: str, clients: int, cgroup: Path, limit: int | None, wor
         await asyncio.sleep(0.5)
         result.idle = anon(cgroup)
         sem = asyncio.Semaphore(64)
-        got = await asyncio.gather(*(_connect(listen, sem) for _ in range(clients)))
+        got = await asyncio.gather(*(connect_idle(listen, sem) for _ in range(clients)))
         socks = [s for s in got if s is not None]
         result.connected = len(socks)
         await _settle(result, cgroup, child, seconds=60)

@@ -12,11 +12,10 @@ in a row, 0.25 s apart), a client of the relay's ECHO_PORT must get its echo. Pr
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 import time
 
-from bench.stalled import Firehose
+from bench.stalled import Firehose, connect_idle
 
 ECHOED = asyncio.Event()  # the echo service's one client has gone: nothing is left to cancel at exit
 
@@ -33,26 +32,16 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         ECHOED.set()
 
 
-async def connect(port: int, sem: asyncio.Semaphore) -> socket.socket | None:
-    loop = asyncio.get_running_loop()
-    async with sem:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # this test's client is small
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 10)
-        except (OSError, TimeoutError):
-            sock.close()
-            return None
-        return sock
-
-
 async def main(relay: int, target: int, echo_port: int, count: int) -> int:
     loop = asyncio.get_running_loop()
     hose = await loop.create_server(Firehose, "127.0.0.1", target, backlog=4096)
     echoes = await asyncio.start_server(echo, "127.0.0.1", echo_port + 1)
     sem = asyncio.Semaphore(64)
-    socks = [s for s in await asyncio.gather(*(connect(relay, sem) for _ in range(count))) if s is not None]
+    socks = [
+        s
+        for s in await asyncio.gather(*(connect_idle(relay, sem, rcvbuf=16384) for _ in range(count)))
+        if s is not None
+    ]
     start, calm = time.monotonic(), 0
     while calm < 3 and time.monotonic() - start < 60:
         full = len(Firehose.open) >= len(socks) and Firehose.blocked >= Firehose.open
