@@ -6,7 +6,7 @@ sending would each hold a full buffer, and a 128 MiB container is OOM-killed (is
 
 1. Only bytes waiting in a transport's write buffer count (`held`): they wait because the receiver is
    slower than the sender. A pair whose writes complete at once is never charged.
-2. Over the budget, a side whose bytes wait is stopped (pump.BUDGET) until its receiver has taken all
+2. Over the budget, a side whose bytes wait is stopped (BUDGET) until its receiver has taken all
    of them; only then does it read again. Resuming it earlier would buffer one more read for a
    receiver that is still stuck, which is exactly the growth being bounded. Healthy pairs keep going.
 3. Reads shrink as the budget fills (READ_SIZES: 256 KiB below a quarter of it, 16 KiB below the
@@ -28,6 +28,7 @@ from typing import Protocol
 
 from relay.memory import DEFAULT_BUDGET
 
+BUDGET = 2  # a side's stop reason (pump.Side.stops, beside pump.FULL): the budget is full (rule 2)
 READ_SIZES = (256 * 1024, 16 * 1024, 4 * 1024)
 TICK = 0.05
 TRIM_AFTER = 4 * 1024 * 1024  # a burst that held this much is worth giving back
@@ -47,8 +48,8 @@ class Side(Protocol):
     pin: int
     lost: bool
 
-    def stop_for_budget(self) -> bool: ...
-    def go_after_budget(self) -> bool: ...
+    def stop(self, why: int) -> bool: ...
+    def go(self, why: int) -> bool: ...
 
 
 class Budget:
@@ -99,7 +100,7 @@ class Budget:
             if self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(TICK, self._tick)
         if self.held > self.limit:
-            if side.stop_for_budget():
+            if side.stop(BUDGET):
                 self.stopped += 1
             if not was_over:
                 self.reached += 1
@@ -130,7 +131,7 @@ class Budget:
         for side in drained:  # rule 2: its receiver took everything
             self.charged.discard(side)
             side.held = side.pin = 0
-            if side.go_after_budget():
+            if side.go(BUDGET):
                 self.stopped -= 1
         self.held = total
         self._relevel()

@@ -205,16 +205,21 @@ def _size_in(lo: int, hi: int) -> Callable[[object], int | None]:
     return convert
 
 
+def _is_off(value: object) -> bool:
+    """`off`, `none`, empty, or YAML's reading of a bare `off` (false) or of nothing (null)."""
+    return value is None or value is False or (isinstance(value, str) and value.strip().lower() in OFF)
+
+
 def _source(value: object) -> str | None:
     """An IP of this host to connect to targets from, or off (the kernel picks)."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in OFF):
+    if _is_off(value):
         return None
     return parse_ip(_text(value).strip(), "expected an IP address of this host, or off")
 
 
 def _optional_duration(value: object) -> float | None:
     """`off`, `none` or 0 disable the timeout (YAML reads a bare `off` as false)."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in OFF):
+    if _is_off(value):
         return None
     seconds = _duration(value)
     return seconds or None

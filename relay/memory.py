@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ MIB = 1024 * 1024
 DEFAULT_BUDGET = 64 * MIB
 BUDGET_SHARE = 4
 MIN_BUDGET = 4 * MIB
+BASE = 48 * MIB  # what a limit should give the relay beside its budget: interpreter, objects, slack
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +74,19 @@ def find_cgroup(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/c
         v1, v2 = _own_paths(proc_cgroup.read_text())
     except (OSError, ValueError):
         v1 = v2 = None
-    tries: list[tuple[int, Path, str]] = []
-    for base in (root / "memory", root):  # v1 mounts the controller at memory/, v2 at the root
-        for own in (v1 if base.name == "memory" else v2, "/"):
-            if own is not None:
-                folder = base / own.lstrip("/")
-                tries.append((1, folder, "memory.limit_in_bytes"))
-                tries.append((2, folder, "memory.max"))
-    for version, folder, name in tries:
-        try:
-            return Cgroup(version, folder, _read_limit(folder / name))
-        except (OSError, ValueError):
-            continue
+    # v1 mounts the controller at memory/, v2 at the root.
+    for version, base, name, own in (
+        (1, root / "memory", "memory.limit_in_bytes", v1),
+        (2, root, "memory.max", v2),
+    ):
+        for path in (own, "/"):
+            if path is None:
+                continue
+            folder = base / path.lstrip("/")
+            try:
+                return Cgroup(version, folder, _read_limit(folder / name))
+            except (OSError, ValueError):
+                continue
     return None
 
 
@@ -119,8 +122,18 @@ def report_at_start(cgroup: Cgroup | None, budget: int) -> None:
             kills,
             mib(cgroup.limit),
             mib(budget),
-            mib(budget + 48 * MIB),
+            mib(budget + BASE),
         )
+
+
+def _malloc_trim(library: str | None) -> Callable[[int], int] | None:
+    if library is None:
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(library).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 class Trimmer:
@@ -131,16 +144,9 @@ class Trimmer:
     """
 
     def __init__(self) -> None:
-        self._trim = None
-        # libc.so.6 by name first: the distroless image has no ldconfig for find_library to ask.
-        for name in ("libc.so.6", ctypes.util.find_library("c")):
-            if name is None:
-                continue
-            try:
-                self._trim = ctypes.CDLL(name).malloc_trim
-                return
-            except (OSError, AttributeError):
-                continue
+        # libc.so.6 by name first: the distroless image has no ldconfig for find_library to ask, and
+        # find_library runs a subprocess, which start-up should pay only where the name is different.
+        self._trim = _malloc_trim("libc.so.6") or _malloc_trim(ctypes.util.find_library("c"))
 
     def __call__(self) -> None:
         if self._trim is not None:

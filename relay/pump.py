@@ -39,8 +39,8 @@ from relay.budget import Budget
 # for each receiver that stalls.
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
-FULL = 1  # why a side is not read (rule 5): the other side's write buffer is above HIGH_WATER
-BUDGET = 2  # the process is over its budget and this side's bytes wait (budget.py rule 2)
+# Why a side is not read (rule 5): the other side's buffer is above HIGH_WATER; budget.BUDGET is the other.
+FULL = 1
 LINGER_RST = struct.pack("ii", 1, 0)
 
 
@@ -79,7 +79,7 @@ class Side(asyncio.BufferedProtocol):
         self.nbytes = 0
         self.held = 0  # bytes charged to the budget for `out`'s write buffer
         self.pin = 0  # size of a shared read buffer `out` may still hold a view of (budget.py rule 3)
-        self.stops = 0  # FULL | BUDGET: why this side is not read (rule 5)
+        self.stops = 0  # FULL | budget.BUDGET: why this side is not read (rule 5)
         self.eof = False
         self.lost = False
         self.early: list[bytes] = []  # read before `out` existed; the pair writes it first
@@ -154,12 +154,6 @@ class Side(asyncio.BufferedProtocol):
         if not self.stops and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         return True
-
-    def stop_for_budget(self) -> bool:
-        return self.stop(BUDGET)
-
-    def go_after_budget(self) -> bool:
-        return self.go(BUDGET)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.lost:
