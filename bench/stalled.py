@@ -370,21 +370,25 @@ def measure(
     return Result(**data)
 
 
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-
-
 def _stop(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Here, not at the top: the engine test imports this module where only bench/ is on the path.
+    from relay.config import parse_size
+
+    def size(text: str) -> int:
+        return parse_size(text, 1 << 20, 1 << 40)
+
     p = argparse.ArgumentParser(prog="python -m bench.stalled", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="100,1000", help="stalled clients, comma-separated counts")
     p.add_argument("--subjects", default=",".join(SUBJECTS))
-    p.add_argument("--limit", type=parse_size, help="memory limit of each subject's cgroup (e.g. 128M)")
+    p.add_argument(
+        "--limit",
+        type=size,
+        help="memory limit of each subject's cgroup (e.g. 128M)",
+    )
     p.add_argument(
         "--tcp-mem",
         default=TCP_MEM,

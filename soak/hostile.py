@@ -38,7 +38,7 @@ from soak.ledger import CORRUPTED, UNEXPECTED, VERIFIED, Ledger
 from soak.relays import RelayProcess, RouteSpec, config_text
 from soak.report import Check, conditions
 from soak.targets import Target
-from tests.support import free_port_block
+from tests.support import alias_bomb, free_port_block
 
 EPISODE = 3.0
 GAP = 1.0
@@ -51,15 +51,6 @@ FLOOD_PORTS, UDP_SESSIONS = 600, 256
 VICTIM = "127.0.0.2"
 HOSTILE_MARK = "<!-- hostile: written by scripts/soak --hostile --write-doc -->"
 FIGURES_MARK = "<!-- figures: written by hand from the commands they name -->"
-
-
-def alias_bomb(depth: int = 7) -> str:
-    """Nine lists of nine aliases of the list before, `depth` deep: 9**depth strings from 290 bytes."""
-    items = ['&a ["x","x","x","x","x","x","x","x","x"]']
-    for level in range(1, depth + 1):
-        name, before = f"a{level}", "a" if level == 1 else f"a{level - 1}"
-        items.append(f"&{name} [" + ",".join([f"*{before}"] * 9) + "]")
-    return "ports: '80'\ntarget: [" + ", ".join(items) + "]\n"
 
 
 class HostileRelay(RelayProcess):
@@ -239,7 +230,7 @@ async def udp_flood(relay: HostileRelay, address: tuple[str, int], fig: Figures)
 
 async def hup_bomb(relay: HostileRelay, address: tuple[str, int], fig: Figures) -> None:
     mark = relay.log_lines()
-    relay.config.write_text(alias_bomb())
+    relay.config.write_text(alias_bomb(7))
     fig.bombs_sent += 1
     os.kill(relay.pid, signal.SIGHUP)
     try:

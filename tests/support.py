@@ -339,3 +339,13 @@ def exchange(sock: socket.socket, payload: bytes) -> bytes:
         while data := sock.recv(65536):
             chunks.append(data)
     return b"".join(chunks)
+
+
+def alias_bomb(depth: int, key: str = "target") -> str:
+    """`key:` holding nine lists of nine aliases of the list before: 9**depth strings from ~30 bytes a
+    level (depth 7: 290 bytes; expanded by the error message, 250 MB on main)."""
+    items = ['&a ["x","x","x","x","x","x","x","x","x"]']
+    for level in range(1, depth + 1):
+        name, before = f"a{level}", "a" if level == 1 else f"a{level - 1}"
+        items.append(f"&{name} [" + ",".join([f"*{before}"] * 9) + "]")
+    return f"ports: '80'\n{key}: [" + ", ".join(items) + "]\n"

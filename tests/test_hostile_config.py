@@ -18,21 +18,11 @@ import pytest
 
 from relay.config import OPTIONS, ConfigError, Raw, load
 from relay.socat import parse as parse_socat
-from tests.support import RelayProcess, connect_when_ready, free_port_block
+from tests.support import RelayProcess, alias_bomb, connect_when_ready, free_port_block
 from tests.test_cli import echo_server, run_relay
 
 MAX_LINE = 500  # an error line quotes excerpts (60 characters each), not the value
 FILE_FORM = "expected a regular YAML file of at most 1 MiB"
-
-
-def alias_bomb(depth: int, key: str = "target") -> str:
-    """`key:` holding nine lists of nine aliases of the list before: 9**depth strings from ~30 bytes a
-    level (depth 7: 290 bytes; expanded by the error message, 250 MB on main)."""
-    items = ['&a ["x","x","x","x","x","x","x","x","x"]']
-    for level in range(1, depth + 1):
-        name, before = f"a{level}", "a" if level == 1 else f"a{level - 1}"
-        items.append(f"&{name} [" + ",".join([f"*{before}"] * 9) + "]")
-    return f"ports: '80'\n{key}: [" + ", ".join(items) + "]\n"
 
 
 def limit_memory() -> None:
